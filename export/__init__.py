@@ -1,0 +1,1 @@
+"""sdvg_export: ONNX export of the four compiled parts and TensorRT engine builds."""

@@ -1,0 +1,1 @@
+"""Execution backends (torch, tensorrt), chosen per component in the profile."""

@@ -1,0 +1,1 @@
+"""PyTorch model definitions. Module names mirror the official checkpoint keys."""
