@@ -1,0 +1,381 @@
+"""Block-causal Wan2.1 DiT (Self-Forcing ``CausalWanModel`` semantics), drafter and target alike.
+
+Module names equal the official Wan2.1 keys (wan-models.md §7), so a checkpoint with the ``model.``
+prefix stripped loads strictly. Ordered leaves to root: config, RMSNorm, RoPE, attentions, block,
+head, model.
+
+Precision follows Self-Forcing (wan-models.md §2.10): everything in the model dtype (bf16 in
+production: modulation, gates, residual stream, LayerNorms), except the RMSNorm statistic (fp32, then
+cast), the timestep sinusoid (float64, then cast) and RoPE (tables built in float64; the rotation is
+applied in fp32 and cast back: fp32 rounding, ~6e-8 relative, is far below bf16's 4e-3 half-ulp).
+
+Geometry: x ``[1, 16, F, h, w]`` -> ``F*(h/2)*(w/2)`` tokens, frame-major. Batch is always 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kv_cache import BlockSlots
+from .attention import attention
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    name: str
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_len: int = 1024   # positions per RoPE axis; caps a rollout at 1024 latent frames
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Head dims given to the (t, h, w) axes: d - 4*(d//6), 2*(d//6), 2*(d//6)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def shape_key(self) -> tuple:
+        """Every field except the name (what two configs must share to load the same weights)."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "name")
+
+    @classmethod
+    def from_name(cls, name: str) -> WanDiTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown WanDiT preset {name!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, WanDiTConfig] = {
+    c.name: c for c in (
+        WanDiTConfig("wan2.1-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+        WanDiTConfig("wan2.1-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+        # Tiny CPU configs for tests; text_dim 64 matches the tiny umT5. Two different sizes so that
+        # architecture detection from shapes is exercised.
+        WanDiTConfig("tiny", dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64),
+        WanDiTConfig("tiny-target", dim=96, ffn_dim=192, num_heads=3, num_layers=3, text_dim=64),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Leaves
+
+class WanRMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) over the full dim, in fp32, cast back, times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t*w_k), sin(t*w_k)], w_k = 10000^(-k/half), cos first; float64 (cast by the caller)."""
+    half = dim // 2
+    t64 = t.to(torch.float64)
+    w = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = t64[:, None] * w[None, :]
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+class WanRoPE(nn.Module):
+    """3D RoPE tables (t, h, w axes) as non-persistent float64 buffers ``[rope_len, pairs]``.
+
+    Adjacent elements (2i, 2i+1) of a head form a pair; pairs split t/h/w as ``rope_split``/2.
+    The tables stay float64 whatever the model is cast to (``_apply`` rebuilds them).
+    """
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.split = tuple(s // 2 for s in cfg.rope_split)  # pairs per axis
+        self.rope_len = cfg.rope_len
+        cos, sin = self._tables(None)  # the default device (meta when built on meta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device):
+        per_axis = []
+        pos = torch.arange(self.rope_len, dtype=torch.float64, device=device)
+        for pairs in self.split:
+            d = 2 * pairs
+            inv = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+            per_axis.append(torch.outer(pos, inv))
+        ang = torch.cat(per_axis, dim=1)  # [rope_len, D/2], float64
+        return torch.cos(ang), torch.sin(ang)
+
+    def build(self, device) -> None:
+        """(Re)compute the tables on ``device`` (after building the model on the meta device)."""
+        self.cos, self.sin = self._tables(torch.device(device) if device is not None else None)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would cast the tables and .to_empty() would leave them uninitialised: after any
+        # such call, rebuild them in float64 on the device they ended up on (cheap: rope_len x D/2).
+        super()._apply(fn, recurse)
+        self.build(self.cos.device)
+        return self
+
+    def factors(self, frames: int, h: int, w: int, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[frames*h*w, 1, D/2]`` fp32 for frames ``frame_offset..frame_offset+frames-1``."""
+        if frame_offset + frames > self.rope_len or h > self.rope_len or w > self.rope_len:
+            raise ValueError(
+                f"RoPE positions out of range: frames {frame_offset}..{frame_offset + frames - 1}, grid "
+                f"{h}x{w}, but the tables hold {self.rope_len} positions per axis; use a shorter video "
+                "or a smaller latent grid"
+            )
+        st, sh, sw = self.split
+        out = []
+        for table in (self.cos, self.sin):
+            t_part, h_part, w_part = table.split([st, sh, sw], dim=1)
+            grid = torch.cat([
+                t_part[frame_offset:frame_offset + frames, None, None, :].expand(frames, h, w, st),
+                h_part[None, :h, None, :].expand(frames, h, w, sh),
+                w_part[None, None, :w, :].expand(frames, h, w, sw),
+            ], dim=-1)
+            out.append(grid.reshape(frames * h * w, 1, -1).to(torch.float32))
+        return out[0], out[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x ``[n, H, D]`` by the angles of cos/sin ``[n, 1, D/2]`` (fp32)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attentions
+
+class WanSelfAttention(nn.Module):
+    """q, k, v, o and the q/k RMSNorms (over the full dim, before the head split)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def project_qkv(self, x: torch.Tensor):
+        """q, k, v ``[n, dim]``: the one place to swap in a fused QKV projection later."""
+        return self.q(x), self.k(x), self.v(x)
+
+    def forward(self, x, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
+        """x [n, dim]. With ``kv_layer`` ([2, S, H, D]) write K/V to [write_start, +n) and attend over
+        [:read_end]; without it attend over this x only (reference path)."""
+        n = x.shape[0]
+        q, k, v = self.project_qkv(x)
+        # 1. q/k RMSNorm over the full dim, head split, RoPE at absolute positions
+        q = apply_rope(self.norm_q(q).view(n, self.num_heads, self.head_dim), *rope)
+        k = apply_rope(self.norm_k(k).view(n, self.num_heads, self.head_dim), *rope)
+        v = v.view(n, self.num_heads, self.head_dim)
+        # 2. cached: write this call's K/V into its slots, attend over the valid prefix (no concat)
+        if kv_layer is not None:
+            kv_layer[0, write_start:write_start + n].copy_(k)
+            kv_layer[1, write_start:write_start + n].copy_(v)
+            k, v = kv_layer[0, :read_end], kv_layer[1, :read_end]
+        # 3. attention and output projection
+        return self.o(attention(q, k, v, mask).reshape(n, -1))
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention; K (after norm_k) and V of the text come precomputed in ``ctx_kv``."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def context_kv(self, context: torch.Tensor, out: torch.Tensor) -> None:
+        """context [T, dim] (after the text MLP) -> out [2, T, H, D]."""
+        T = context.shape[0]
+        out[0].copy_(self.norm_k(self.k(context)).view(T, self.num_heads, self.head_dim))
+        out[1].copy_(self.v(context).view(T, self.num_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, ctx_kv: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.norm_q(self.q(x)).view(n, self.num_heads, self.head_dim)
+        return self.o(attention(q, ctx_kv[0], ctx_kv[1]).reshape(n, -1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Block and head
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)  # before cross-attn
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+
+    def forward(self, x, e0, ctx_kv, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
+        """x [F, tpf, dim] (one frame per row, so per-frame modulation broadcasts); e0 [F, 6, dim]."""
+        Fr, tpf, dim = x.shape
+        # 0. per-frame modulation: six [F, 1, dim] vectors (model dtype, as Self-Forcing)
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
+            (self.modulation + e0).unsqueeze(2).unbind(1)
+        # 1. self-attention (norm1: LayerNorm without affine)
+        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale_msa) + shift_msa
+        y = self.self_attn(h.view(Fr * tpf, dim), rope, kv_layer, write_start, read_end, mask)
+        x = x + y.view(Fr, tpf, dim) * gate_msa
+        # 2. cross-attention (norm3: affine LayerNorm; no modulation, no gate)
+        x = x + self.cross_attn(self.norm3(x).view(Fr * tpf, dim), ctx_kv).view(Fr, tpf, dim)
+        # 3. feed-forward (norm2: LayerNorm without affine)
+        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale_ffn) + shift_ffn
+        return x + self.ffn(h) * gate_ffn
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [F, tpf, dim], e [F, dim] (the un-projected time embedding) -> [F, tpf, 64]."""
+        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # [F, 1, dim] each
+        return self.head(F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT with a block-causal KV-cached step (``forward``) and a reference path (``forward_full``)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = WanHead(cfg)
+        self.rope = WanRoPE(cfg)  # non-persistent buffers only: no state-dict keys
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.head.weight.dtype
+
+    # ---- per prompt --------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_context(self, context: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """context ``[1, T, text_dim]`` (padding rows zero) -> ctx_kv ``[L, 2, T, H, D]``.
+
+        Runs the text MLP and every layer's cross-attention k (after norm_k) and v, once per prompt.
+        ``out`` may be a preallocated ctx_kv to fill in place.
+        """
+        cfg = self.cfg
+        if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"context must be [1, T, {cfg.text_dim}] (batch 1, T={cfg.text_len} padded rows), "
+                f"found {tuple(context.shape)}")
+        T = context.shape[1]
+        shape = (cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim)
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device=self.head.head.weight.device)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"ctx_kv buffer must be {shape}, found {tuple(out.shape)}")
+        c = self.text_embedding(context[0].to(self.dtype))
+        for i, block in enumerate(self.blocks):
+            block.cross_attn.context_kv(c, out[i])
+        return out
+
+    # ---- per block step ----------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor, t: torch.Tensor):
+        cfg = self.cfg
+        if x.dim() != 5 or x.shape[0] != 1 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"x must be [1, {cfg.in_dim}, F, h, w], found {tuple(x.shape)}")
+        if t.shape != (x.shape[2],):
+            raise ValueError(f"t must be [F] = [{x.shape[2]}] (one timestep per latent frame), "
+                             f"found {tuple(t.shape)}")
+        # 1. patch embedding -> tokens [F, tpf, dim], frame-major, row-major over (h, w)
+        z = self.patch_embedding(x.to(self.dtype))
+        grid = tuple(z.shape[2:])  # (F, h/2, w/2)
+        z = z.flatten(3).squeeze(0).permute(1, 2, 0).contiguous()  # [F, tpf, dim]
+        # 2. per-frame time embedding: sinusoid in float64, cast, MLP -> e [F, dim], e0 [F, 6, dim]
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(self.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        return z, grid, e, e0
+
+    def _unpatchify(self, out: torch.Tensor, grid) -> torch.Tensor:
+        # [F, tpf, 64] -> (F, h2, w2, pt, ph, pw, C) -> (C, F, pt, h2, ph, w2, pw) -> [1, C, F, h, w]
+        (Fr, h2, w2), (pt, ph, pw), C = grid, self.cfg.patch_size, self.cfg.out_dim
+        out = out.view(Fr, h2, w2, pt, ph, pw, C).permute(6, 0, 3, 1, 4, 2, 5)
+        return out.reshape(1, C, Fr * pt, h2 * ph, w2 * pw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx_kv: torch.Tensor, kv: torch.Tensor,
+                slots: BlockSlots, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One cached block step; returns the flow prediction, same shape as x.
+
+        x [1, 16, F, h, w] (F frames of one or several consecutive blocks), t [F] float32,
+        ctx_kv [L, 2, T, H, D] from ``prepare_context``, kv [L, 2, S, H, D] (``KVCache.kv``), slots from
+        ``KVCache.slots``; mask [n, read_end] bool only for multi-block commits (``KVCache.span_mask``).
+        Every layer writes its K/V into ``kv[i, :, write_start:write_start+n]`` and attends over
+        ``kv[i, :, :read_end]``. Shape checks only (host ints): no sync.
+        """
+        z, grid, e, e0 = self._embed(x, t)
+        n = z.shape[0] * z.shape[1]
+        ws, re = slots.write_start, slots.read_end
+        if ws + n > kv.shape[2] or re < ws + n:
+            raise ValueError(f"slots {slots} do not fit a call of {n} tokens in a cache of {kv.shape[2]}")
+        if mask is not None and tuple(mask.shape) != (n, re):
+            raise ValueError(f"mask must be [{n}, {re}], found {tuple(mask.shape)}")
+        # 3. RoPE factors at absolute frame positions
+        rope = self.rope.factors(*grid, frame_offset=slots.frame_offset)
+        # 4. blocks, each writing its K/V into its cache slots
+        for i, block in enumerate(self.blocks):
+            z = block(z, e0, ctx_kv[i], rope, kv[i], ws, re, mask)
+        # 5. head, unpatchify
+        return self._unpatchify(self.head(z, e), grid)
+
+    def forward_full(self, x: torch.Tensor, t: torch.Tensor, ctx_kv: torch.Tensor,
+                     mask: torch.Tensor | None = None, frame_offset: int = 0) -> torch.Tensor:
+        """Reference path (tests): self-attention over all tokens of x with a boolean [N, N] mask
+        (True = may attend; None = full bidirectional attention, the original Wan). No cache."""
+        z, grid, e, e0 = self._embed(x, t)
+        n = z.shape[0] * z.shape[1]
+        if mask is not None and tuple(mask.shape) != (n, n):
+            raise ValueError(f"mask must be [{n}, {n}], found {tuple(mask.shape)}")
+        rope = self.rope.factors(*grid, frame_offset=frame_offset)
+        for i, block in enumerate(self.blocks):
+            z = block(z, e0, ctx_kv[i], rope, None, mask=mask)
+        return self._unpatchify(self.head(z, e), grid)
