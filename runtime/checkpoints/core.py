@@ -47,8 +47,10 @@ def read_state_dict(path: str | os.PathLike, *, map_location: str = "cpu") -> di
             f"convert it to safetensors or a plain state dict. Detail: {str(e).splitlines()[0]}",
             path=p,
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"cannot read torch checkpoint (truncated or corrupt?): {e}", path=p) from e
+    except Exception as e:  # noqa: BLE001 - garbage bytes raise anything from IndexError to KeyError
+        raise CheckpointError(
+            f"cannot read torch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}", path=p
+        ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"expected a dict of tensors at the top level, found {type(obj).__name__}", path=p

@@ -1,0 +1,529 @@
+"""Wan2.1 VAE decoder with an explicit, double-buffered streaming temporal state (wan-models.md §5).
+
+Module names equal the official ``Wan2.1_VAE.pth`` keys (``conv2``, ``decoder.conv1``,
+``decoder.middle.{0,1,2}``, ``decoder.upsamples.{0..14}``, ``decoder.head.{0,2}``), so the decoder part of
+the official file loads strictly; the encoder is not built.
+
+Streaming. Every causal conv with a temporal kernel of 3 (32 of them at the Wan2.1 size) keeps the last
+2 time-slices of its input. Instead of the reference's hidden per-module cache (a list, a counter, a
+"Rep" sentinel, one latent per call), the history lives in a ``VAEState``: one preallocated
+``[1, C, 2, h_i, w_i]`` tensor per causal conv ("slot"), passed in explicitly. ``decode`` reads the
+history from ``state_in``, convolves over ``[history | block]`` along time (a whole block per call, no
+per-frame loop) and writes the last 2 input frames into ``state_out`` in place (``copy_``). Because
+``state_in`` is only read, a draft can be decoded into a scratch state without touching the committed
+one (``VAEStream``), and accepting it is a swap of references.
+
+Why this equals the reference (diffusers ``AutoencoderKLWan._decode``, one latent per call):
+- a cached causal conv fed frame by frame, starting from "no cache" (zero padding), computes exactly
+  the causal conv over the whole frame sequence with 2 zero frames in front; keeping the last 2 input
+  frames per call is therefore the full state, whatever the block size;
+- the temporal upsample (``time_conv``) is special on the first chunk: the reference marks it "Rep" and
+  skips it, so latent 0 stays 1 frame, and the "Rep" history is zeros, so latent 0's features never
+  enter ``time_conv``'s history. ``first=True`` reproduces this: latent 0's frame bypasses
+  ``time_conv``, the remaining frames run through it from a zero history (1 + 4 + 4 = 9 frames for a
+  3-latent block 0; 4 frames per latent afterwards);
+- attention and the spatial resampling are per frame (no temporal state).
+
+The Self-Forcing demo convention (SF ``demo_utils/vae_block3.py``, KREA) starts from an all-zero cache
+instead, so latent 0 also goes through ``time_conv`` (4 frames) and the first 3 pixel frames of block 0
+are dropped: ``convention="self_forcing"`` (also 9 frames for a 3-latent block 0, but different ones).
+
+Dtype policy (declared once): weights, activations and states in the model dtype; the RMS norms
+accumulate the channel norm in fp32 for fp16/bf16 inputs; the latent de-normalisation constants stay fp32
+(fp64 for a fp64 model) whatever the weights are cast to (``_apply``).
+
+Layout: ``to_channels_last()`` puts weights, states and activations in channels-last (3D for the causal
+convs, 2D per frame for the resample and attention convs), where frames <-> images reshapes are views.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_T = 2  # history frames kept per causal conv (temporal kernel 3, causal padding 2)
+CONVENTIONS = ("reference", "self_forcing")
+
+# Latent statistics of the Wan2.1 VAE (SF utils/wan_wrapper.py, diffusers AutoencoderKLWan defaults).
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_upsample: tuple[bool, ...] = (True, True, False)  # per decoder stage (encoder's reversed)
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+
+    def __post_init__(self):
+        if len(self.temporal_upsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"WanVAEConfig: temporal_upsample needs one flag per upsampling stage "
+                f"({len(self.dim_mult) - 1}), got {self.temporal_upsample}"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(
+                f"WanVAEConfig: latents_mean/std need z_dim={self.z_dim} values, got "
+                f"{len(self.latents_mean)}/{len(self.latents_std)}"
+            )
+
+    @classmethod
+    def from_name(cls, name: str) -> WanVAEConfig:
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
+        return VAE_PRESETS[name]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Decoder channel widths: conv1/middle, then the output width of each stage (384, 384, 384, 192, 96)."""
+        return tuple(self.base_dim * u for u in (self.dim_mult[-1],) + tuple(reversed(self.dim_mult)))
+
+    @property
+    def temporal_scale(self) -> int:
+        return 2 ** sum(self.temporal_upsample)
+
+    @property
+    def spatial_scale(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def frames_out(self, num_latents: int, first: bool, convention: str = "reference") -> int:
+        """Pixel frames that ``decode`` returns for a block of ``num_latents`` latents."""
+        s = self.temporal_scale
+        if first and convention == "reference":
+            return 1 + s * (num_latents - 1)
+        return s * num_latents - (s - 1 if first else 0)
+
+    def state_slots(self) -> list[tuple[int, int]]:
+        """(channels, spatial level) of every causal-conv history slot, in execution order.
+
+        Level l means the slot is at ``(h * 2**l, w * 2**l)`` for an ``h x w`` latent. Order: conv1, the
+        middle's 4 convs, per stage 2 per residual block then ``time_conv`` (temporal stages), the head.
+        """
+        dims = self.dims
+        slots = [(self.z_dim, 0)] + [(dims[0], 0)] * 4
+        level = 0
+        for i, (cin, cout) in enumerate(itertools.pairwise(dims)):
+            cin = cin // 2 if i > 0 else cin  # Wan2.1: the previous stage's resample halves the width
+            for _ in range(self.num_res_blocks + 1):
+                slots += [(cin, level), (cout, level)]
+                cin = cout
+            if i != len(self.dim_mult) - 1:
+                if self.temporal_upsample[i]:
+                    slots.append((cout, level))  # time_conv runs before the spatial upsample
+                level += 1
+        slots.append((dims[-1], level))  # head conv
+        return slots
+
+    def state_shapes(self, h: int, w: int) -> list[tuple[int, int, int, int, int]]:
+        """Shapes of the ``VAEState`` slots for an ``h x w`` latent (60 x 104 at 832x480)."""
+        return [(1, c, CACHE_T, h << lv, w << lv) for c, lv in self.state_slots()]
+
+    def state_nbytes(self, h: int, w: int, dtype: torch.dtype) -> int:
+        """Bytes of one ``VAEState`` (1.76 GiB at 60x104 in fp16/bf16 for Wan2.1), before allocating."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(math.prod(s) for s in self.state_shapes(h, w)) * size
+
+
+VAE_PRESETS: dict[str, WanVAEConfig] = {
+    "wan2.1": WanVAEConfig(),
+    "tiny": WanVAEConfig(base_dim=8),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass(eq=False)
+class VAEState:
+    """The preallocated temporal history of every causal conv: ``slots[i]`` is ``[1, C_i, 2, h_i, w_i]``."""
+
+    slots: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.slots)
+
+    def zero_(self) -> VAEState:
+        for t in self.slots:
+            t.zero_()
+        return self
+
+    def clone(self) -> VAEState:
+        """A copy (tests and debugging only; the runtime never copies a state)."""
+        return VAEState([t.clone() for t in self.slots])
+
+    def data_ptrs(self) -> list[int]:
+        return [t.data_ptr() for t in self.slots]
+
+
+class _Ctx(NamedTuple):
+    """What one ``decode`` call threads through the modules."""
+
+    hist: list[torch.Tensor] | None  # state_in slots; None = zero history (start of a video)
+    new: list[torch.Tensor]  # state_out slots, written in place
+    bypass: bool  # reference block 0: latent 0 skips the temporal upsamples
+    mf: torch.memory_format
+
+
+def causal_conv(conv: nn.Conv3d, x: torch.Tensor, slot: int, ctx: _Ctx) -> torch.Tensor:
+    """``conv`` over ``[2 history frames | x]`` along time (no temporal padding of its own).
+
+    Writes the last 2 input frames into ``ctx.new[slot]`` (in place). Safe when state_in is state_out:
+    the history is copied into the concatenation before the slot is overwritten.
+    """
+    new = ctx.new[slot]
+    hist = new.zero_() if ctx.hist is None else ctx.hist[slot]
+    xin = torch.cat([hist, x], dim=2)
+    new.copy_(xin[:, :, -CACHE_T:])
+    return conv(xin)
+
+
+def _to_images(x: torch.Tensor) -> torch.Tensor:
+    """[b, c, t, h, w] -> [b*t, c, h, w] (a view for channels-last-3d input, a copy otherwise)."""
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _to_frames(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[b*t, c, h, w] -> [b, c, t, h, w] (a view)."""
+    bt, c, h, w = x.shape
+    return x.view(b, bt // b, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# modules, leaves to root
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMS_norm: L2-normalise over channels, times sqrt(C) and ``gamma`` (no bias)."""
+
+    def __init__(self, dim: int, images: bool):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # = F.normalize(x, dim=1) * sqrt(C) * gamma, with the channel norm accumulated in fp32 (at least)
+        # but without an fp32 copy of x: the per-position factor is C times smaller than x. For bf16
+        # this rounds the factor once instead of each normalised element (same bf16-level error) and
+        # needs 3 passes over x instead of about 8.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min_(1e-12).reciprocal_()
+        return x * inv.mul_(self.scale).to(x.dtype) * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """``residual`` = RMS_norm, SiLU, CausalConv3d k3, RMS_norm, SiLU, Dropout, CausalConv3d k3 (indices
+    0..6 as in the official file; only 0, 2, 3, 6 have parameters); ``shortcut`` is a 1x1x1 conv when
+    the width changes. Uses history slots ``slot`` and ``slot + 1``."""
+
+    def __init__(self, in_dim: int, out_dim: int, slot: int):
+        super().__init__()
+        self.slot = slot
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            nn.Conv3d(in_dim, out_dim, 3, padding=(0, 1, 1)),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Identity(),  # Dropout(0.0) at inference
+            nn.Conv3d(out_dim, out_dim, 3, padding=(0, 1, 1)),
+        )
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        r = self.residual
+        h = x if self.shortcut is None else self.shortcut(x)
+        # 1. norm, SiLU, causal conv
+        x = causal_conv(r[2], F.silu(r[0](x), inplace=True), self.slot, ctx)
+        # 2. norm, SiLU, (dropout), causal conv
+        x = causal_conv(r[6], F.silu(r[3](x), inplace=True), self.slot + 1, ctx)
+        # 3. residual
+        return x.add_(h)
+
+
+class AttentionBlock(nn.Module):
+    """Per-frame single-head spatial self-attention: RMS_norm, 1x1 conv to q/k/v, SDPA, 1x1 proj.
+
+    SDPA is called directly rather than through ``models.attention``: this is one head of width C (384)
+    over the h*w positions of each frame, a shape the DiT's backend choice (e.g. cuDNN only) may not
+    support; SDPA picks a kernel that can run it.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        identity = x
+        # 1. frames as images, norm, q/k/v: [b*t, 1, h*w, c] each
+        y = self.norm(_to_images(x))
+        qkv = self.to_qkv(y).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)
+        # 2. attention over the h*w positions of each frame
+        y = F.scaled_dot_product_attention(q, k, v)
+        # 3. back to images, projection, residual
+        y = self.proj(y.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+        return _to_frames(y, b).add_(identity)
+
+
+class Resample(nn.Module):
+    """Wan's upsample3d (``time_conv`` 2x in time, then 2x nearest + 3x3 conv per frame) or upsample2d
+    (no ``time_conv``). ``resample.1`` halves the width."""
+
+    def __init__(self, dim: int, temporal: bool, slot: int | None):
+        super().__init__()
+        self.slot = slot
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+            nn.Conv2d(dim, dim // 2, 3, padding=1),
+        )
+        self.time_conv = nn.Conv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        b, c, _, h, w = x.shape
+        if self.time_conv is not None:
+            # 1. temporal 2x: causal conv to 2C, the two halves become consecutive frames. On the
+            #    reference block 0 the first frame (latent 0's) passes through unchanged.
+            lead = x[:, :, :1] if ctx.bypass else None
+            xs = x[:, :, 1:] if ctx.bypass else x
+            if xs.shape[2] == 0:  # a 1-latent block 0: nothing to upsample in time; history stays zero
+                ctx.new[self.slot].zero_()
+            else:
+                y = causal_conv(self.time_conv, xs, self.slot, ctx)
+                t = y.shape[2]
+                if ctx.mf == torch.channels_last_3d:  # physical [b, t, h, w, (2, c)] -> [b, (t, 2), h, w, c]
+                    y = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, c)).permute(0, 1, 4, 2, 3, 5)
+                    y = y.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+                else:
+                    y = y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+                x = y if lead is None else torch.cat([lead, y], dim=2)
+        # 2. spatial 2x nearest and 3x3 conv, per frame
+        return _to_frames(self.resample(_to_images(x)), b)
+
+
+class Decoder3d(nn.Module):
+    """conv1, middle (res, attention, res), upsamples (stages of res blocks and a resample), head."""
+
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims, nrb = cfg.dims, cfg.num_res_blocks
+        self.conv1 = nn.Conv3d(cfg.z_dim, dims[0], 3, padding=(0, 1, 1))
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0], slot=1), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0], slot=3)
+        )
+        ups, slot = [], 5
+        for i, (cin, cout) in enumerate(itertools.pairwise(dims)):
+            cin = cin // 2 if i > 0 else cin
+            for _ in range(nrb + 1):
+                ups.append(ResidualBlock(cin, cout, slot))
+                slot, cin = slot + 2, cout
+            if i != len(cfg.dim_mult) - 1:
+                temporal = cfg.temporal_upsample[i]
+                ups.append(Resample(cout, temporal, slot if temporal else None))
+                slot += int(temporal)
+        self.upsamples = nn.Sequential(*ups)
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1], images=False), nn.SiLU(), nn.Conv3d(dims[-1], 3, 3, padding=(0, 1, 1))
+        )
+        self.head_slot = slot
+        assert slot + 1 == len(cfg.state_slots()), "slot numbering out of step with WanVAEConfig.state_slots"
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        # 1. conv1 (latent resolution)
+        x = causal_conv(self.conv1, x, 0, ctx)
+        # 2. middle: residual, per-frame attention, residual
+        x = self.middle[0](x, ctx)
+        x = self.middle[1](x)
+        x = self.middle[2](x, ctx)
+        # 3. upsampling stages
+        for layer in self.upsamples:
+            x = layer(x, ctx)
+        # 4. head: norm, SiLU, causal conv to RGB
+        return causal_conv(self.head[2], F.silu(self.head[0](x), inplace=True), self.head_slot, ctx)
+
+
+class WanVAEDecoder(nn.Module):
+    """``conv2`` (the post-quant 1x1x1 conv) and ``decoder``; streaming state passed explicitly."""
+
+    def __init__(self, config: WanVAEConfig):
+        super().__init__()
+        self.config = config
+        self.conv2 = nn.Conv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+        self.memory_format = torch.contiguous_format
+        self._init_buffers(torch.device("cpu"))
+
+    # ---- dtype policy and layout
+
+    def _init_buffers(self, device: torch.device) -> None:
+        # De-normalisation constants: fp32 (fp64 for a fp64 model), never rounded to bf16.
+        dt = torch.float64 if self.conv2.weight.dtype == torch.float64 else torch.float32
+        shape = (1, self.config.z_dim, 1, 1, 1)
+        for name, vals in (("latents_mean", self.config.latents_mean), ("latents_std", self.config.latents_std)):
+            self.register_buffer(name, torch.tensor(vals, dtype=dt, device=device).view(shape), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._init_buffers(self.latents_mean.device)
+        return self
+
+    def to_channels_last(self) -> WanVAEDecoder:
+        """Channels-last weights (3D and 2D), states and activations: the fast cuDNN layout for bf16."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last_3d
+        return self
+
+    # ---- state
+
+    def new_state(self, h: int, w: int, dtype: torch.dtype | None = None, device=None) -> VAEState:
+        """Preallocate (zeros) the history of every causal conv for an ``h x w`` latent."""
+        dtype = dtype or self.conv2.weight.dtype
+        device = device or self.conv2.weight.device
+        return VAEState([
+            torch.zeros(s, dtype=dtype, device=device).contiguous(memory_format=self.memory_format)
+            for s in self.config.state_shapes(h, w)
+        ])
+
+    # ---- decode
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, state_in: VAEState | None, state_out: VAEState, first: bool,
+               convention: str = "reference") -> torch.Tensor:
+        """Decode one block. z ``[1, 16, F, h, w]`` normalised latents -> frames ``[1, 3, F_out, 8h, 8w]``
+        in [-1, 1] (``F_out = config.frames_out(F, first, convention)``).
+
+        ``first=True`` starts a video: zero history (``state_in`` is not read and may be None); with the
+        reference convention latent 0 bypasses the temporal upsamples. Otherwise the history comes from
+        ``state_in``. The new history always goes to ``state_out`` (in place; it may be ``state_in``).
+        No host sync; shapes depend only on (F, h, w, first, convention).
+        """
+        # 0. host-side shape checks (no sync)
+        cfg = self.config
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown VAE convention {convention!r}; choose one of {CONVENTIONS}")
+        if z.dim() != 5 or z.shape[0] != 1 or z.shape[1] != cfg.z_dim:
+            raise ValueError(f"VAE decode expects z of shape [1, {cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
+        want = cfg.state_shapes(z.shape[3], z.shape[4])
+        for st in (state_out,) if first else (state_in, state_out):
+            if st is None or [tuple(t.shape) for t in st.slots] != want:
+                raise ValueError(
+                    f"VAE state does not fit a {z.shape[3]}x{z.shape[4]} latent: allocate it with "
+                    f"new_state({z.shape[3]}, {z.shape[4]})"
+                )
+        ctx = _Ctx(
+            hist=None if first else state_in.slots,
+            new=state_out.slots,
+            bypass=first and convention == "reference",
+            mf=self.memory_format,
+        )
+        # 1. de-normalise (z * std + mean) in fp32, then model dtype and layout
+        x = z.to(self.latents_std.dtype) * self.latents_std + self.latents_mean
+        x = x.to(dtype=self.conv2.weight.dtype).contiguous(memory_format=self.memory_format)
+        # 2. post-quant conv (1x1x1, no temporal state)
+        x = self.conv2(x)
+        # 3. decoder: causal convs over [history | block]
+        x = self.decoder(x, ctx)
+        # 4. clamp to [-1, 1]; the Self-Forcing convention drops block 0's leading frames
+        x = x.clamp_(-1.0, 1.0)
+        if first and convention == "self_forcing":
+            x = x[:, :, cfg.temporal_scale - 1:]
+        return x
+
+    def forward(self, z: torch.Tensor, *history: torch.Tensor, first: bool = False):
+        """Functional form for tracing/export: ``(z, *history) -> (frames, *new_history)``."""
+        new = VAEState([torch.empty_like(t) for t in history])
+        frames = self.decode(z, None if first else VAEState(list(history)), new, first)
+        return (frames, *new.slots)
+
+
+# --------------------------------------------------------------------------------------------------
+# committed + scratch
+
+
+class VAEStream:
+    """Double-buffered streaming decode (sdvg-runtime.md §3).
+
+    ``decode_scratch`` reads the committed state and writes the scratch state, so a draft decode never
+    disturbs the committed history; ``keep_scratch`` accepts it by swapping the two references (no
+    copy); a rejected draft is simply never kept. ``parity`` says which of the two preallocated states is
+    committed, so a CUDA-graph backend can keep one graph per (block index, parity).
+    """
+
+    def __init__(self, decoder: WanVAEDecoder, h: int, w: int, dtype: torch.dtype | None = None,
+                 device=None, convention: str = "reference"):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown VAE convention {convention!r}; choose one of {CONVENTIONS}")
+        self.decoder, self.h, self.w, self.convention = decoder, h, w, convention
+        self._states = (decoder.new_state(h, w, dtype, device), decoder.new_state(h, w, dtype, device))
+        self.parity = 0  # index of the committed state in _states
+        self._scratch_ready = False
+
+    @staticmethod
+    def nbytes_for(config: WanVAEConfig, h: int, w: int, dtype: torch.dtype) -> int:
+        """Bytes of both states (committed + scratch), before allocating."""
+        return 2 * config.state_nbytes(h, w, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._states)
+
+    @property
+    def committed(self) -> VAEState:
+        return self._states[self.parity]
+
+    @property
+    def scratch(self) -> VAEState:
+        return self._states[1 - self.parity]
+
+    def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor:
+        """Decode block ``block`` from the committed history into the scratch state."""
+        first = block == 0
+        frames = self.decoder.decode(z, None if first else self.committed, self.scratch, first, self.convention)
+        self._scratch_ready = True
+        return frames
+
+    def keep_scratch(self) -> None:
+        """Accept the last scratch decode: swap committed and scratch (references only)."""
+        assert self._scratch_ready, "keep_scratch() needs a decode_scratch() since the last keep/reset"
+        self.parity = 1 - self.parity
+        self._scratch_ready = False
+
+    def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor:
+        frames = self.decode_scratch(z, block)
+        self.keep_scratch()
+        return frames
+
+    def reset(self) -> None:
+        """New video: zero both states (block 0 does not read them; this keeps them deterministic)."""
+        for s in self._states:
+            s.zero_()
+        self.parity = 0
+        self._scratch_ready = False

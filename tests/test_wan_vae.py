@@ -1,0 +1,303 @@
+"""Wan2.1 VAE decoder with streaming state: parity with diffusers, double buffering, memory arithmetic.
+
+Reference: diffusers ``AutoencoderKLWan.decode`` of the whole latent sequence (one latent per decoder call
+with its hidden feature cache), built from a tiny config with every parameter randomised (norm gammas
+included) and mapped to the official names through ``checkpoints.wan_vae``'s key map.
+
+Speed: CPU conv3d is slow here, so the latent is 2x3 (16x24 pixels) and the diffusers reference is
+computed once per module.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from sdvg_rt.checkpoints.wan_vae import decoder_shapes, from_diffusers
+from sdvg_rt.models.wan_vae import (
+    VAE_PRESETS,
+    VAEState,
+    VAEStream,
+    WanVAEConfig,
+    WanVAEDecoder,
+)
+
+H, W = 2, 3  # latent size of the tests
+N_LAT = 9  # latents in the test video
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: a decode is ~30 small ops, where OpenMP's 2-thread barriers cost more
+    than the work (and 10x more when the cores are shared with other jobs). One thread, restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_diffusers(dtype):
+    from diffusers import AutoencoderKLWan
+
+    cfg = VAE_PRESETS["tiny"]
+    ref = AutoencoderKLWan(
+        base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=list(reversed(cfg.temporal_upsample)),
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # everything random, norm gammas included
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return ref.to(dtype).eval()
+
+
+def _mine_from(ref, dtype):
+    cfg = VAE_PRESETS["tiny"]
+    part = {k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    model = WanVAEDecoder(cfg)
+    model.load_state_dict(from_diffusers(part, cfg), strict=True)  # strict: every key mapped, none left over
+    return model.to(dtype).eval()
+
+
+def _denorm(z, cfg):
+    mean = torch.tensor(cfg.latents_mean, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    return (z.double() * std + mean).to(z.dtype)
+
+
+@pytest.fixture(scope="module")
+def parity64():
+    """(reference diffusers model, my decoder, z, reference frames) in float64."""
+    ref = _tiny_diffusers(torch.float64)
+    mine = _mine_from(ref, torch.float64)
+    z = torch.randn(1, 16, N_LAT, H, W, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        frames = ref.decode(_denorm(z, mine.config)).sample
+    return ref, mine, z, frames
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    """A random tiny decoder (fp32) and a latent video for the stream-mechanics tests."""
+    torch.manual_seed(3)
+    model = WanVAEDecoder(VAE_PRESETS["tiny"]).eval()
+    z = torch.randn(1, 16, N_LAT, H, W, generator=torch.Generator().manual_seed(4))
+    return model, z
+
+
+def _split(z, sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append(z[:, :, i:i + n])
+        i += n
+    assert i == z.shape[2]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# parity with the reference decode
+
+
+@pytest.mark.parametrize("sizes, counts", [((3, 3, 3), [9, 12, 12]), ((1, 2, 3, 3), [1, 8, 12, 12])])
+def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts):
+    _, mine, z, ref_frames = parity64
+    assert ref_frames.shape == (1, 3, 1 + 4 * (N_LAT - 1), 8 * H, 8 * W)
+    stream = VAEStream(mine, H, W)
+    outs = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z, sizes))]
+    assert [o.shape[2] for o in outs] == counts
+    assert [mine.config.frames_out(n, b == 0) for b, n in enumerate(sizes)] == counts
+    got = torch.cat(outs, dim=2)
+    # float64 on both sides. The tolerance is set by diffusers, not by us: its WanUpsample casts the
+    # activations to float32 for the nearest upsample (3 times), so the reference carries fp32 rounding
+    # (~1e-7 relative); measured max difference 2e-7. A wrong history frame or a missed bypass gives
+    # differences of order 0.1.
+    torch.testing.assert_close(got, ref_frames, rtol=0, atol=1e-6)
+    # the comparison is not vacuous: most values are not clamped at +-1
+    assert (ref_frames.abs() < 1).float().mean() > 0.5
+
+
+def test_self_forcing_convention_matches_zero_cache_reference(parity64):
+    """SF demo: zero-initialised cache for block 0 (no "Rep" bypass), first 3 pixel frames dropped.
+
+    Independent path: diffusers' decoder fed one latent per call with a feature cache pre-filled with
+    zeros (exactly SF's ZERO_VAE_CACHE), frames 3.. kept."""
+    ref, mine, z, _ = parity64
+    z = z[:, :, :6]
+    zero_state = mine.new_state(H, W)
+    feat = [t.clone() for t in zero_state.slots] + [None]  # diffusers counts 33 convs (shortcut included)
+    with torch.no_grad():
+        x = ref.post_quant_conv(_denorm(z, mine.config))
+        ref_frames = torch.cat(
+            [ref.decoder(x[:, :, i:i + 1], feat_cache=feat, feat_idx=[0]) for i in range(z.shape[2])], dim=2
+        ).clamp(-1, 1)[:, :, 3:]
+    stream = VAEStream(mine, H, W, convention="self_forcing")
+    outs = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z, (3, 3)))]
+    assert [o.shape[2] for o in outs] == [9, 12]
+    assert mine.config.frames_out(3, True, "self_forcing") == 9
+    torch.testing.assert_close(torch.cat(outs, 2), ref_frames, rtol=0, atol=1e-6)  # fp64, see above
+    # and it really differs from the reference convention on block 0
+    ref_conv = VAEStream(mine, H, W).decode_commit(z[:, :, :3], 0)
+    assert (ref_conv - outs[0]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# double buffering
+
+
+def test_scratch_decode_leaves_committed_bit_identical(tiny32):
+    model, z = tiny32
+    stream = VAEStream(model, H, W)
+    stream.decode_commit(z[:, :, :3], 0)
+    before = stream.committed.clone()
+    scratch_before = stream.scratch.clone()
+    stream.decode_scratch(z[:, :, 3:6] + 1.0, 1)
+    for a, b in zip(stream.committed.slots, before.slots):
+        assert torch.equal(a, b)
+    # the scratch state was written (every slot)
+    assert all(not torch.equal(a, b) for a, b in zip(stream.scratch.slots, scratch_before.slots))
+
+
+def test_keep_scratch_is_a_swap_of_references(tiny32):
+    model, z = tiny32
+    stream = VAEStream(model, H, W)
+    ptrs_c, ptrs_s = stream.committed.data_ptrs(), stream.scratch.data_ptrs()
+    stream.decode_scratch(z[:, :, :3], 0)
+    new_history = stream.scratch.clone()
+    stream.keep_scratch()
+    assert stream.committed.data_ptrs() == ptrs_s and stream.scratch.data_ptrs() == ptrs_c
+    assert all(torch.equal(a, b) for a, b in zip(stream.committed.slots, new_history.slots))
+    assert stream.parity == 1
+    with pytest.raises(AssertionError):
+        stream.keep_scratch()  # nothing new to keep
+
+
+def test_reject_path_equals_fresh_decode_and_states_are_never_reallocated(tiny32):
+    model, z = tiny32
+    z0, z1, z2 = _split(z, (3, 3, 3))
+    draft = z1 * 0.5 - 0.3
+
+    fresh = VAEStream(model, H, W)
+    want = [fresh.decode_commit(zb, b) for b, zb in enumerate((z0, z1, z2))]
+
+    stream = VAEStream(model, H, W)
+    ptrs = sorted(stream.committed.data_ptrs() + stream.scratch.data_ptrs())
+    got = [stream.decode_commit(z0, 0)]
+    frames_d = stream.decode_scratch(draft, 1)  # the draft: decoded, scored, rejected (never kept)
+    assert not torch.equal(frames_d, want[1])
+    got.append(stream.decode_commit(z1, 1))  # the target block, from the committed state
+    got.append(stream.decode_commit(z2, 2))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)  # same ops on the same inputs: bit-identical
+    # an accepted draft continues from the draft's history (the swap took it in)
+    stream.decode_scratch(z0 + 0.1, 3)
+    stream.keep_scratch()
+    assert sorted(stream.committed.data_ptrs() + stream.scratch.data_ptrs()) == ptrs
+    stream.reset()
+    assert stream.parity == 0 and all(not t.any() for t in stream.committed.slots)
+    assert torch.equal(stream.decode_commit(z0, 0), want[0])
+
+
+def test_in_place_state_and_functional_forward(tiny32):
+    """decode(state_in is state_out) and the export form forward(z, *history) agree with the stream."""
+    model, z = tiny32
+    z0, z1 = z[:, :, :3], z[:, :, 3:6]
+    stream = VAEStream(model, H, W)
+    stream.decode_commit(z0, 0)
+    hist = stream.committed.clone()
+    want = stream.decode_commit(z1, 1)
+    state = hist.clone()
+    assert torch.equal(model.decode(z1, state, state, first=False), want)
+    assert all(torch.equal(a, b) for a, b in zip(state.slots, stream.committed.slots))
+    frames, *new = model(z1, *hist.slots)
+    assert torch.equal(frames, want)
+    assert all(torch.equal(a, b) for a, b in zip(new, stream.committed.slots))
+
+
+def test_channels_last_matches_contiguous(tiny32):
+    model, z = tiny32
+    cl = WanVAEDecoder(model.config).eval()
+    cl.load_state_dict(model.state_dict())
+    cl.to_channels_last()
+    a, b = VAEStream(model, H, W), VAEStream(cl, H, W)
+    assert b.committed.slots[0].is_contiguous(memory_format=torch.channels_last_3d)
+    for blk, zb in enumerate(_split(z[:, :, :6], (3, 3))):
+        # fp32, same maths in another memory layout: the conv kernels may sum in another order (~1e-7
+        # relative per layer), hence a small atol rather than equality.
+        torch.testing.assert_close(b.decode_commit(zb, blk), a.decode_commit(zb, blk), rtol=0, atol=1e-5)
+
+
+def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64):
+    """The production dtype: bf16 weights/state, fp32 norm accumulation, fp32 de-normalisation
+    constants. Judged against the fp64 reference: our bf16 error must be no worse than diffusers' own
+    bf16 decode of the same weights (measured: mean 8.2e-3 vs 7.8e-3, max 0.07 vs 0.10)."""
+    ref, mine, z, want = parity64
+    z = z[:, :, :6]
+    want = want[:, :, :21]  # causal: the first 6 latents' frames do not depend on later latents
+    m16 = copy.deepcopy(mine).to(torch.bfloat16)
+    assert m16.latents_std.dtype == torch.float32 and m16.latents_std[0, 0, 0, 0, 0] == 2.8184
+    stream = VAEStream(m16, H, W)
+    assert stream.committed.slots[0].dtype == torch.bfloat16
+    got = torch.cat([stream.decode_commit(zb.to(torch.bfloat16), b) for b, zb in enumerate(_split(z, (3, 3)))], 2)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    with torch.no_grad():
+        theirs = copy.deepcopy(ref).to(torch.bfloat16).decode(_denorm(z, mine.config).to(torch.bfloat16)).sample
+    err_ours = (got.double() - want).abs().mean()
+    err_theirs = (theirs.double() - want).abs().mean()
+    assert err_ours < 1.5 * err_theirs and err_ours < 2e-2
+
+
+def test_decode_rejects_a_state_of_another_size(tiny32):
+    model, z = tiny32
+    good, bad = model.new_state(H, W), model.new_state(H + 1, W)
+    with pytest.raises(ValueError, match="new_state"):
+        model.decode(z[:, :, :3], bad, good, first=False)
+    with pytest.raises(ValueError, match="z of shape"):
+        model.decode(z[0], None, good, first=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# structure and memory arithmetic (full size, built on the meta device)
+
+
+def test_full_size_module_names_and_parameter_count():
+    with torch.device("meta"):
+        model = WanVAEDecoder(WanVAEConfig.from_name("wan2.1"))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # wan-models.md §5: decoder 73,295,331 parameters + conv2 272
+    assert sum(math.prod(s) for s in shapes.values()) == 73_295_331 + 272
+    assert shapes == decoder_shapes(model.config)
+    assert shapes["conv2.weight"] == (16, 16, 1, 1, 1)
+    assert shapes["decoder.conv1.weight"] == (384, 16, 3, 3, 3)
+    assert shapes["decoder.middle.1.to_qkv.weight"] == (1152, 384, 1, 1)
+    assert shapes["decoder.upsamples.3.time_conv.weight"] == (768, 384, 3, 1, 1)
+    assert shapes["decoder.upsamples.4.shortcut.weight"] == (384, 192, 1, 1, 1)
+    assert shapes["decoder.upsamples.7.resample.1.weight"] == (192, 384, 3, 3)
+    assert shapes["decoder.upsamples.11.resample.1.weight"] == (96, 192, 3, 3)
+    assert "decoder.upsamples.11.time_conv.weight" not in shapes
+    assert shapes["decoder.head.0.gamma"] == (96, 1, 1, 1)
+    assert shapes["decoder.head.2.weight"] == (3, 96, 3, 3, 3)
+    assert max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.upsamples.")) == 14
+
+
+def test_state_slots_and_nbytes_match_the_spec():
+    cfg = WanVAEConfig.from_name("wan2.1")
+    # wan-models.md §5, SF ZERO_VAE_CACHE at 832x480
+    spec = (
+        [(1, 16, 2, 60, 104)] + [(1, 384, 2, 60, 104)] * 11
+        + [(1, 192, 2, 120, 208)] + [(1, 384, 2, 120, 208)] * 6
+        + [(1, 192, 2, 240, 416)] * 6 + [(1, 96, 2, 480, 832)] * 7
+    )
+    assert cfg.state_shapes(60, 104) == spec
+    n = cfg.state_nbytes(60, 104, torch.float16)
+    assert n == sum(math.prod(s) for s in spec) * 2
+    assert 1.75 < n / 2**30 < 1.78  # "about 1.76 GiB in fp16"
+    assert VAEStream.nbytes_for(cfg, 60, 104, torch.bfloat16) == 2 * n
+    with torch.device("meta"):
+        model = WanVAEDecoder(cfg)
+        state = model.new_state(60, 104, torch.float16)
+    assert isinstance(state, VAEState) and state.nbytes == n
+    assert cfg.frames_out(3, True) == 9 and cfg.frames_out(3, False) == 12
