@@ -264,3 +264,26 @@ def test_attention_matches_manual_softmax_and_backends():
             attn_mod.set_attention_backend("flash3")
     finally:
         attn_mod.set_attention_backend("auto")
+
+
+def test_fused_qkv_keeps_keys_and_outputs():
+    """fuse_qkv: one GEMM, same outputs (fp32), same state-dict keys and values, no extra parameters."""
+    tiny = WanDiT(PRESETS["tiny"]).eval()  # own instance: fuse_qkv changes the module
+    tiny.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
+    cfg = tiny.cfg
+    ctx_kv = tiny.prepare_context(_context(1, cfg))
+    x = _latents(2, 3)
+    t = torch.full((3,), 937.5)
+    cache = _cache(tiny, window=9)
+    ref = tiny(x, t, ctx_kv, cache.kv, cache.slots(0)).clone()
+    sd_before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    tiny.fuse_qkv()
+    attn = tiny.blocks[0].self_attn
+    assert attn.q.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views, not copies
+    sd_after = tiny.state_dict()
+    assert sd_after.keys() == sd_before.keys()
+    assert all(torch.equal(sd_after[k], sd_before[k]) for k in sd_before)
+    cache2 = _cache(tiny, window=9)
+    out = tiny(x, t, ctx_kv, cache2.kv, cache2.slots(0))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # one GEMM vs three: summation order only
+    torch.testing.assert_close(cache2.kv, cache.kv, rtol=1e-5, atol=1e-5)

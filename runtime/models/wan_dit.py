@@ -87,8 +87,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return _ops["rms_norm"](x, self.weight, self.eps)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -165,6 +164,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------
+# Elementwise groups: each is one function so that ``compile_elementwise()`` can fuse it into a single
+# kernel on the GPU (between the GEMMs and attention, which stay cuBLAS/cuDNN). Eager on CPU; the
+# compiled and eager versions compute the same maths.
+
+def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then ``* (1 + scale) + shift`` (norm1 / norm2 of a block, the head)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x + y * gate
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Wan RMSNorm: statistic in fp32, cast back, then times the weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               heads: int) -> torch.Tensor:
+    """RMSNorm over the full dim, head split, RoPE: ``[n, dim] -> [n, H, D]``."""
+    return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+
+
+_EAGER = {"modulated_ln": _modulated_ln, "gated_add": _gated_add, "rms_norm": _rms_norm,
+          "norm_rope": _norm_rope}
+_ops = dict(_EAGER)
+
+
+def compile_elementwise(enabled: bool = True) -> None:
+    """Fuse each elementwise group into one kernel with ``torch.compile`` (GPU fast path), or go back
+    to eager. Shapes are static per model, so each group compiles once per model size."""
+    for name, fn in _EAGER.items():
+        _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
+
+
+# --------------------------------------------------------------------------------------------------
 # Attentions
 
 class WanSelfAttention(nn.Module):
@@ -180,8 +217,24 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
+    def fuse_qkv(self) -> None:
+        """Make q/k/v weights and biases views into one [3*dim, dim] / [3*dim] tensor (no extra memory),
+        so the projection is one GEMM. Parameter names (checkpoint keys) are unchanged."""
+        if hasattr(self, "qkv_weight"):
+            return
+        with torch.no_grad():
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        d = self.q.weight.shape[0]
+        for i, lin in enumerate((self.q, self.k, self.v)):
+            lin.weight = nn.Parameter(w[i * d:(i + 1) * d], requires_grad=False)
+            lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
+        self.qkv_weight, self.qkv_bias = w, b  # plain attributes: not in the state dict
+
     def project_qkv(self, x: torch.Tensor):
-        """q, k, v ``[n, dim]``: the one place to swap in a fused QKV projection later."""
+        """q, k, v ``[n, dim]``: one GEMM after ``fuse_qkv``, else three."""
+        if hasattr(self, "qkv_weight"):
+            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
         return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
@@ -190,8 +243,8 @@ class WanSelfAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.project_qkv(x)
         # 1. q/k RMSNorm over the full dim, head split, RoPE at absolute positions
-        q = apply_rope(self.norm_q(q).view(n, self.num_heads, self.head_dim), *rope)
-        k = apply_rope(self.norm_k(k).view(n, self.num_heads, self.head_dim), *rope)
+        q = _ops["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
+        k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
         v = v.view(n, self.num_heads, self.head_dim)
         # 2. cached: write this call's K/V into its slots, attend over the valid prefix (no concat)
         if kv_layer is not None:
@@ -249,14 +302,14 @@ class WanAttentionBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
             (self.modulation + e0).unsqueeze(2).unbind(1)
         # 1. self-attention (norm1: LayerNorm without affine)
-        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale_msa) + shift_msa
+        h = _ops["modulated_ln"](x, shift_msa, scale_msa, self.eps)
         y = self.self_attn(h.view(Fr * tpf, dim), rope, kv_layer, write_start, read_end, mask)
-        x = x + y.view(Fr, tpf, dim) * gate_msa
+        x = _ops["gated_add"](x, y.view(Fr, tpf, dim), gate_msa)
         # 2. cross-attention (norm3: affine LayerNorm; no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x).view(Fr * tpf, dim), ctx_kv).view(Fr, tpf, dim)
         # 3. feed-forward (norm2: LayerNorm without affine)
-        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale_ffn) + shift_ffn
-        return x + self.ffn(h) * gate_ffn
+        h = _ops["modulated_ln"](x, shift_ffn, scale_ffn, self.eps)
+        return _ops["gated_add"](x, self.ffn(h), gate_ffn)
 
 
 class WanHead(nn.Module):
@@ -269,7 +322,7 @@ class WanHead(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [F, tpf, dim], e [F, dim] (the un-projected time embedding) -> [F, tpf, 64]."""
         shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # [F, 1, dim] each
-        return self.head(F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift)
+        return self.head(_ops["modulated_ln"](x, shift, scale, self.eps))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +347,12 @@ class WanDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.head.head.weight.dtype
+
+    def fuse_qkv(self) -> "WanDiT":
+        """One QKV GEMM per layer (weights become views of one tensor; call after loading)."""
+        for block in self.blocks:
+            block.self_attn.fuse_qkv()
+        return self
 
     # ---- per prompt --------------------------------------------------------------------------
     @torch.no_grad()
