@@ -1,0 +1,266 @@
+"""The speculative loop (sdvg-runtime.md §3), one prompt at a time.
+
+    prepare(prompt): text K/V of both models, ImageReward tokens, fresh VAE stream, noise seed
+    for block b:
+      if the drafter proposes b (sdvg: b > 0; draft mode: every block):
+          xd = drafter.denoise(b)
+          sdvg: frames_d = vae.decode_scratch(xd); s = min(imagereward(frames_d))    (committed VAE untouched)
+      SYNC (the only one of the block): read the decision inputs (scores, finiteness)
+      decision = decide(mode, b, s, tau, finite)
+      accepted: drafter.commit(b, xd); target.commit(b, xd) now or lazily; vae.keep_scratch()
+      forced / rejected: target.commit(pending accepted blocks); x = target.denoise(b);
+                         target.commit(b, x); drafter.commit(b, x) (sdvg); frames = vae.decode_commit(x)
+      draft mode: drafter.commit(b, xd); frames = vae.decode_commit(xd)
+      emit(b, frames, record)
+
+Syncs: exactly one per block, at its decision point (after scoring in sdvg blocks, before denoising
+otherwise), plus one at the end. Each sync also completes everything the previous block enqueued, so
+block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are emitted
+there, and its committed latents and frames are checked for NaN/inf (``NumericalError`` naming the
+block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted
+blocks reach the target's cache only when the target is next needed, and those still pending at the
+end are skipped.
+
+Noise comes only from the (seed, block, step) stream of each denoiser, so decisions never shift it and
+``sdvg`` with tau = +inf reproduces ``target`` bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .decide import ACCEPTED, CommitQueue, check_mode, check_tau, decide, drafts, scores
+from .errors import NumericalError
+from .models.imagereward import frames_to_uint8
+from .stats import BlockRecord, Timer, summarize
+
+
+class Denoiser(Protocol):
+    """One DiT with its own KV cache, text K/V, noise stream and buffers (``backends.torch_backend``)."""
+
+    def prepare(self, context: torch.Tensor) -> None: ...
+    def set_seed(self, seed: int) -> None: ...
+    def denoise_block(self, block: int) -> torch.Tensor: ...  # clean latent [1, C, F, h, w], the component's buffer
+    def commit_block(self, block: int, x: torch.Tensor) -> None: ...
+    def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+class Decoder(Protocol):
+    """The streaming VAE with a committed and a scratch state."""
+
+    def reset(self) -> None: ...
+    def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor: ...  # [1, 3, f, H, W] in [-1, 1]
+    def keep_scratch(self) -> None: ...
+    def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+class Scorer(Protocol):
+    """ImageReward on decoded frames, prompt tokens prepared once."""
+
+    def prepare(self, prompt: str) -> None: ...
+    def score(self, frames: torch.Tensor) -> torch.Tensor: ...  # [1, 3, f, H, W] -> [f] float32 (device)
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready for generation: its text and its umT5 context [1, T, text_dim] (host or device)."""
+
+    text: str
+    context: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """One committed block: its index, uint8 frames [f, H, W, 3] (host numpy) and its record."""
+
+    block: int
+    frames: np.ndarray
+    record: BlockRecord
+
+
+class SpeculativeLoop:
+    """Runs one video at a time over the four components and the loop's own preallocated buffers."""
+
+    def __init__(self, drafter: Denoiser, target: Denoiser, decoder: Decoder, scorer: Scorer, *, num_blocks: int,
+                 frames_per_block: int, latent_hw: tuple[int, int], pixel_hw: tuple[int, int], latent_channels: int,
+                 dtype: torch.dtype, device, lazy_commit: bool = True, fused_commits: bool = False):
+        self.drafter, self.target, self.decoder, self.scorer = drafter, target, decoder, scorer
+        self.num_blocks, self.frames_per_block = num_blocks, frames_per_block
+        self.device = torch.device(device)
+        self.lazy_commit, self.fused_commits = lazy_commit, fused_commits
+        h, w = latent_hw
+        H, W = pixel_hw
+        self.max_frames = 4 * frames_per_block  # decoded frames of a block after block 0
+        cuda = self.device.type == "cuda"
+        # committed latents of the video, one contiguous [1, C, F, h, w] per block
+        self.latents = torch.zeros(num_blocks, 1, latent_channels, frames_per_block, h, w, dtype=dtype,
+                                   device=device)
+        # status read at each sync: [committed latents finite, committed frames finite, draft finite, scores...]
+        self.status = torch.zeros(3 + self.max_frames, dtype=torch.float32, device=device)
+        self.status_host = torch.zeros(3 + self.max_frames, dtype=torch.float32, pin_memory=cuda)
+        self.frames_dev = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, device=device)
+        self.frames_host = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
+        self.timer = Timer(self.device)
+
+    # ---- per prompt ------------------------------------------------------------------------------
+    def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
+        """Per-prompt work outside the block loop; returns its times (ms) per component."""
+        times = {}
+        for name, comp in (("drafter", self.drafter), ("target", self.target)):
+            with self.timer.span(name):
+                comp.prepare(prompt.context)
+                comp.set_seed(seed)
+        with self.timer.span("scorer"):
+            self.scorer.prepare(prompt.text)
+        self.decoder.reset()
+        self._sync()
+        times.update(self.timer.collect(-1))
+        return times
+
+    def _sync(self) -> None:
+        """The host sync (named: the one place the loop waits for the device)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ---- one video -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, prompt: PreparedPrompt, *, mode: str, tau: float, seed: int,
+            max_blocks: int | None = None) -> Iterator[BlockOutput]:
+        """Generate one video block by block; yields each committed block once its frames are on the host.
+
+        The generator's return value (``StopIteration.value``, or ``self.summary`` after exhaustion) is the
+        video's summary dict (spec §3 totals).
+        """
+        mode, tau = check_mode(mode), check_tau(tau)
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timer.clear()
+        prepare_ms = self.prepare(prompt, seed)
+        queue = CommitQueue(lazy=self.lazy_commit)
+        n = self.num_blocks if max_blocks is None else min(max_blocks, self.num_blocks)
+        records: list[BlockRecord] = []
+        pending: BlockRecord | None = None  # block whose frames are in flight to the host
+        for b in range(n):
+            rec = BlockRecord(b)
+            last = b == n - 1
+            frames_d = None
+            # 1. draft (+ scratch decode and score in sdvg mode)
+            if drafts(mode, b):
+                with self.timer.span("draft_denoise", b):
+                    xd = self.drafter.denoise_block(b)
+                self.status[2].copy_(torch.isfinite(xd).all())
+                if scores(mode, b):
+                    with self.timer.span("vae_decode_scratch", b):
+                        frames_d = self.decoder.decode_scratch(xd, b)
+                    with self.timer.span("score", b):
+                        s = self.scorer.score(frames_d)
+                    self.status[3:3 + s.shape[0]].copy_(s)
+            # 2. the block's one sync: completes block b-1 (emit it) and reads b's decision inputs
+            self._sync_status()
+            if pending is not None:
+                yield self._emit(pending, records)
+                pending = None
+            st = self.status_host
+            nf = frames_d.shape[2] if frames_d is not None else 0
+            if frames_d is not None:  # worst-frame aggregation; any NaN/inf frame makes the block's score non-finite
+                rec.scores = [float(x) for x in st[3:3 + nf].tolist()]
+                bad = [x for x in rec.scores if not math.isfinite(x)]
+                nan = any(math.isnan(x) for x in bad)
+                rec.min_score = (math.nan if nan else max(bad)) if bad else min(rec.scores)
+            d = decide(mode, b, rec.min_score, tau, finite=bool(st[2] > 0) if drafts(mode, b) else True)
+            rec.decision, rec.reason = d.kind, d.reason
+            # 3. execute the decision
+            if d.kind == ACCEPTED:
+                self.latents[b].copy_(xd)
+                if not last:
+                    with self.timer.span("draft_commit", b):
+                        self.drafter.commit_block(b, self.latents[b])
+                if mode == "sdvg":
+                    self._commit_target(queue.on_accept(b) if not last else [], rec, b)
+                    self.decoder.keep_scratch()
+                    frames = frames_d
+                else:  # draft mode
+                    with self.timer.span("vae_decode_commit", b):
+                        frames = self.decoder.decode_commit(self.latents[b], b)
+            else:  # forced or rejected: the target generates the block
+                self._commit_target(queue.due(), rec, b)
+                with self.timer.span("target_denoise", b):
+                    x = self.target.denoise_block(b)
+                self.latents[b].copy_(x)
+                if not last:
+                    with self.timer.span("target_commit", b):
+                        self.target.commit_block(b, self.latents[b])
+                    rec.target_commits.append(b)
+                    if mode == "sdvg":
+                        with self.timer.span("draft_commit", b):
+                            self.drafter.commit_block(b, self.latents[b])
+                with self.timer.span("vae_decode_commit", b):
+                    frames = self.decoder.decode_commit(self.latents[b], b)
+            # 4. committed frames -> uint8 on the device -> host (async); checked at the next sync
+            nf = frames.shape[2]
+            rec.frames = nf
+            self.status[0].copy_(torch.isfinite(self.latents[b]).all())
+            self.status[1].copy_(torch.isfinite(frames).all())
+            self.frames_dev[:nf].copy_(frames_to_uint8(frames[0].permute(1, 2, 3, 0)))
+            self.frames_host[:nf].copy_(self.frames_dev[:nf], non_blocking=True)
+            pending = rec
+        # 5. the final sync: emit the last block, summarise
+        self._sync_status()
+        if pending is not None:
+            yield self._emit(pending, records)
+        skipped = queue.skipped()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.summary = summarize(records, wall_s=time.perf_counter() - t0, prepare_ms=prepare_ms,
+                                 skipped_target_commits=skipped, peak_gpu_memory_bytes=peak)
+        return self.summary
+
+    def _commit_target(self, blocks: list[int], rec: BlockRecord, b: int) -> None:
+        if not blocks:
+            return
+        with self.timer.span("target_commit", b):
+            self.target.commit_blocks(blocks, self.latents[blocks[0]:blocks[-1] + 1], fused=self.fused_commits)
+        rec.target_commits.extend(blocks)
+
+    def _sync_status(self) -> None:
+        self.status_host.copy_(self.status, non_blocking=True)
+        self._sync()
+
+    def _emit(self, rec: BlockRecord, records: list[BlockRecord]) -> BlockOutput:
+        """After a sync: check block ``rec.block``'s committed latents/frames, collect its times, hand it out."""
+        st = self.status_host
+        if not st[0] > 0:
+            raise NumericalError(
+                f"block {rec.block}: the committed latents ({rec.decision}) contain NaN or inf. The model "
+                "diverged; check the checkpoints and the precision (fp16 overflows more easily than bf16)")
+        if not st[1] > 0:
+            raise NumericalError(
+                f"block {rec.block}: the decoded frames contain NaN or inf although the latents are finite; "
+                "check the VAE checkpoint and precision")
+        rec.times_ms = self.timer.collect(rec.block)
+        records.append(rec)
+        return BlockOutput(rec.block, self.frames_host[:rec.frames].numpy().copy(), rec)
+
+    def committed_latents(self, blocks: int | None = None) -> torch.Tensor:
+        """The committed latents [1, C, blocks*F, h, w] (a copy, for saving)."""
+        n = self.num_blocks if blocks is None else blocks
+        x = self.latents[:n]
+        return x.permute(1, 2, 0, 3, 4, 5).reshape(1, x.shape[2], n * self.frames_per_block, *x.shape[-2:]).clone()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every preallocated tensor of the loop and its components (memory accounting, tests)."""
+        out = {"loop.latents": self.latents, "loop.status": self.status, "loop.status_host": self.status_host,
+               "loop.frames_dev": self.frames_dev, "loop.frames_host": self.frames_host}
+        for name, comp in (("drafter", self.drafter), ("target", self.target), ("vae", self.decoder),
+                           ("scorer", self.scorer)):
+            out.update({f"{name}.{k}": v for k, v in comp.state_tensors().items()})
+        return out

@@ -1,0 +1,250 @@
+"""The speculative loop's invariants (sdvg-runtime.md §3) on the tiny synthetic models, CPU.
+
+Geometry kept minimal for speed: 32x32 pixels (4x4 latents), 3 blocks of 1 latent frame (1 + 4 + 4 video
+frames). Decision patterns other than all-accept / all-reject are forced by wrapping ``decide`` (decide.py
+has its own tests); everything else runs the real loop, models and caches. Exact equalities below are
+bit-for-bit: the compared paths run the same ops on the same shapes on the same device.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sdvg_rt.loop as loop_mod
+from sdvg_rt.api import Runtime
+from sdvg_rt.backends.torch_backend import TorchDenoiser
+from sdvg_rt.checkpoints.synthetic import make_synthetic_set
+from sdvg_rt.decide import ACCEPTED, REJECTED, Decision
+from sdvg_rt.errors import NumericalError
+from sdvg_rt.models.imagereward import frames_to_uint8
+from sdvg_rt.models.wan_vae import VAEStream
+from sdvg_rt.profiles import demo_profile
+
+SMALL = dict(width=32, height=32, latent_frames=3, frames_per_block=1, window_frames=3)
+
+
+def tiny_set(tmp_path_factory):
+    """The synthetic tiny set, written once per session (make_synthetic_set skips finished parts)."""
+    d = tmp_path_factory.getbasetemp() / "sdvg-rt-tiny-set"
+    make_synthetic_set(d, "tiny", 0, log=None)
+    return d
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    r = Runtime.from_profile(demo_profile(tiny_set(tmp_path_factory), **SMALL), "cpu")
+    r.prompts = r.encode_prompts(["a red fox running through fresh snow", "a lighthouse at night"])
+    r.release_text_encoder()
+    r.allocate()
+    return r
+
+
+def run(rt, prompt=0, *, mode="sdvg", tau=0.0, lazy=True, pattern=None, seed=0):
+    """One generation with noise, syncs and final caches recorded; ``pattern`` forces sdvg decisions."""
+    lp = rt.loop
+    noise, syncs = [], []
+    saved = {}
+    for name in ("drafter", "target"):
+        den = getattr(lp, name)
+        orig = den.denoise_block
+        saved[name] = orig
+
+        def wrapped(block, _orig=orig, _den=den, _name=name):
+            out = _orig(block)
+            noise.append((_name, block, _den.noise.out.clone()))
+            return out
+        den.denoise_block = wrapped
+    real_decide, real_sync = loop_mod.decide, lp._sync
+
+    def fake_decide(mode_, block, score, tau_, finite=True):
+        d = real_decide(mode_, block, score, tau_, finite)
+        return Decision(pattern[block], "forced by the test") if pattern and mode_ == "sdvg" and block else d
+    loop_mod.decide = fake_decide
+    lp._sync = lambda: (syncs.append(1), real_sync())
+    lp.lazy_commit = lazy
+    try:
+        res = rt.generate(rt.prompts[prompt], seed=seed, tau=tau, mode=mode)
+    finally:
+        loop_mod.decide, lp.lazy_commit = real_decide, True
+        del lp._sync
+        for name, orig in saved.items():
+            del getattr(lp, name).denoise_block
+    return dict(res=res, noise=noise, syncs=len(syncs), kv={n: getattr(lp, n).cache.kv.clone()
+                                                             for n in ("drafter", "target")})
+
+
+@pytest.fixture(scope="module")
+def runs(rt):
+    A, R = ACCEPTED, REJECTED
+    out = {
+        "target": run(rt, mode="target"),
+        "inf": run(rt, tau=math.inf),
+        "-inf": run(rt, tau=-math.inf),
+        "far_lazy": run(rt, pattern=[None, A, R]),
+        "far_eager": run(rt, pattern=[None, A, R], lazy=False),
+        "faa_eager": run(rt, pattern=[None, A, A], lazy=False),
+    }
+    out["faa_lazy"] = out["-inf"]  # all accepted, lazy: the same run
+    return out
+
+
+def decisions(r):
+    return [b["decision"] for b in r["res"].stats["blocks"]]
+
+
+def same_video(a, b):
+    return np.array_equal(a["res"].frames, b["res"].frames) and torch.equal(a["res"].latents, b["res"].latents)
+
+
+def test_sdvg_with_tau_inf_is_bit_identical_to_target(runs):
+    assert decisions(runs["target"]) == ["forced"] * 3
+    assert decisions(runs["inf"]) == ["forced", "rejected", "rejected"]
+    assert same_video(runs["inf"], runs["target"])
+    assert runs["target"]["res"].frames.shape == (9, 32, 32, 3)
+
+
+def test_tau_minus_inf_accepts_every_block_after_0_and_block_0_is_never_scored(runs):
+    blocks = runs["-inf"]["res"].stats["blocks"]
+    assert [b["decision"] for b in blocks] == ["forced", "accepted", "accepted"]
+    assert blocks[0]["scores"] is None and blocks[0]["min_score"] is None
+    for b in blocks[1:]:  # worst-frame aggregation over the 4 decoded frames
+        assert len(b["scores"]) == 4 and b["min_score"] == min(b["scores"])
+    assert runs["-inf"]["res"].stats["acceptance_rate"] == 1.0
+    assert not same_video(runs["-inf"], runs["target"])  # the drafts really are different
+
+
+def test_decisions_never_shift_the_noise(runs):
+    """The noise of (block, step) is the same in every run and for both models, whatever was decided."""
+    ref = {}
+    for r in runs.values():
+        for model, block, eps in r["noise"]:
+            if block in ref:
+                assert torch.equal(eps, ref[block]), (model, block)
+            ref[block] = eps
+    assert set(ref) == {0, 1, 2}
+    assert not torch.equal(ref[1], ref[2])
+
+
+def test_video_after_a_reject_equals_a_fresh_decode_of_the_committed_latents(rt, runs):
+    for key in ("far_lazy", "inf", "-inf"):
+        res = runs[key]["res"]
+        stream = VAEStream(rt._models["vae"], 4, 4, torch.float32, "cpu")
+        frames = [frames_to_uint8(stream.decode_commit(res.latents[:, :, b:b + 1], b)[0].permute(1, 2, 3, 0))
+                  for b in range(3)]
+        assert np.array_equal(torch.cat(frames).numpy(), res.frames), key
+
+
+def _fresh_cache(rt, kind, prompt, latents, blocks):
+    den = TorchDenoiser(rt._models[kind], kind, latent_shape=(1, 4, 4), window_frames=3, sink_frames=0,
+                        schedule=rt.loop.drafter.schedule, device="cpu", dtype=torch.float32)
+    den.prepare(prompt.context)
+    for b in blocks:
+        den.commit_block(b, latents[:, :, b:b + 1].contiguous())
+    return den.cache.kv
+
+
+def test_both_caches_hold_the_committed_history(rt, runs):
+    """After the run, each model's cache equals a fresh model's that committed the same latents."""
+    n = rt.loop.drafter.cache.tokens_per_block
+    for key in ("far_lazy", "far_eager", "-inf", "inf"):
+        r = runs[key]
+        for kind in ("drafter", "target"):
+            ref = _fresh_cache(rt, kind, rt.prompts[0], r["res"].latents, blocks=[0, 1])  # block 2 is last
+            if key == "-inf" and kind == "target":  # lazy, all accepted: block 1 never reached the target
+                assert torch.equal(r["kv"][kind][:, :, :n], ref[:, :, :n])
+                assert not torch.equal(r["kv"][kind][:, :, n:2 * n], ref[:, :, n:2 * n])
+                continue
+            assert torch.equal(r["kv"][kind][:, :, :2 * n], ref[:, :, :2 * n]), (key, kind)
+
+
+def test_lazy_commit_gives_the_eager_output(runs):
+    for pat in ("far", "faa"):
+        lazy, eager = runs[f"{pat}_lazy"], runs[f"{pat}_eager"]
+        assert same_video(lazy, eager), pat
+        assert decisions(lazy) == decisions(eager) == ["forced", "accepted", pat[2] == "r" and "rejected" or "accepted"]
+    commits = lambda r: [b["target_commits"] for b in r["res"].stats["blocks"]]  # noqa: E731
+    assert commits(runs["far_eager"]) == [[0], [1], []]
+    assert commits(runs["far_lazy"]) == [[0], [], [1]]  # deferred until the target is needed at block 2
+    assert commits(runs["faa_lazy"]) == [[0], [], []]
+    assert runs["faa_lazy"]["res"].stats["totals"]["target_commits_skipped"] == [1]  # never needed
+
+
+def test_one_host_sync_per_block(runs):
+    # prepare (1) + one per block (3) + the final one that emits the last block (1)
+    assert {r["syncs"] for r in runs.values()} == {5}
+
+
+def test_state_memory_is_unchanged_across_prompts(rt):
+    def snapshot():
+        return {k: (v.data_ptr(), tuple(v.shape), v.dtype) for k, v in rt.state_tensors().items()}
+    before = snapshot()
+    vae_ptrs = sorted(p for k, (p, _, _) in before.items() if k.startswith("vae."))
+    rt.generate(rt.prompts[1], tau=0.0)
+    after = snapshot()
+    assert len(before) > 20 and set(before) == set(after)
+    # the VAE's committed/scratch states swap roles (keep_scratch is a swap): compare as a set
+    assert sorted(p for k, (p, _, _) in after.items() if k.startswith("vae.")) == vae_ptrs
+    assert {k: v for k, v in before.items() if not k.startswith("vae.")} == \
+        {k: v for k, v in after.items() if not k.startswith("vae.")}
+
+
+def test_nonfinite_scores_reject_and_are_reported(rt):
+    """One bad frame is enough: NaN in block 1, +inf in block 2 (a +inf minimum must not pass tau)."""
+    sc = rt.loop.scorer
+    calls = []
+
+    def fake(frames):
+        calls.append(1)
+        s = torch.full((frames.shape[2],), 0.5)
+        s[1] = math.nan if len(calls) == 1 else math.inf
+        return s
+    sc.score = fake
+    try:
+        res = rt.generate(rt.prompts[0], tau=-math.inf)
+    finally:
+        del sc.score
+    blocks = res.stats["blocks"]
+    assert [b["decision"] for b in blocks] == ["forced", "rejected", "rejected"]
+    assert math.isnan(blocks[1]["min_score"]) and "NaN" in blocks[1]["reason"]
+    assert blocks[2]["min_score"] == math.inf and "non-finite" in blocks[2]["reason"]
+    assert blocks[1]["scores"][0] == 0.5 and math.isnan(blocks[1]["scores"][1])  # every frame reported
+
+
+def test_nan_latents_raise_numerical_error_naming_the_block(rt):
+    den = rt.loop.target
+    real = den.denoise_block
+
+    def broken(block):
+        x = real(block)
+        return x.fill_(float("nan")) if block == 1 else x
+    den.denoise_block = broken
+    try:
+        with pytest.raises(NumericalError, match="block 1"):
+            rt.generate(rt.prompts[0], tau=math.inf)
+    finally:
+        del den.denoise_block
+    assert rt.generate(rt.prompts[0], mode="target").frames.shape[0] == 9  # the runtime is still usable
+
+
+def test_draft_mode_never_runs_the_target(rt):
+    r = run(rt, mode="draft")
+    assert decisions(r) == ["accepted"] * 3
+    assert {m for m, _, _ in r["noise"]} == {"drafter"}
+    assert all(b["scores"] is None for b in r["res"].stats["blocks"])
+
+
+def test_fused_multi_block_commit_matches_per_block_commits(rt, runs):
+    latents = runs["target"]["res"].latents
+    xs = torch.stack([latents[:, :, b:b + 1].contiguous() for b in range(3)])
+    kvs = []
+    for fused in (False, True):
+        den = TorchDenoiser(rt._models["target"], "target", latent_shape=(1, 4, 4), window_frames=3,
+                            sink_frames=0, schedule=rt.loop.target.schedule, device="cpu", dtype=torch.float32)
+        den.prepare(rt.prompts[0].context)
+        den.commit_blocks([0, 1, 2], xs, fused=fused)
+        kvs.append(den.cache.kv)
+    # one masked forward over 3 blocks vs three forwards: same maths, other matmul shapes (summation
+    # order) and attention kernel; fp32 agreement to 1e-5 relative to the values' scale
+    scale = kvs[0].abs().max()
+    assert (kvs[0] - kvs[1]).abs().max() <= 1e-5 * scale

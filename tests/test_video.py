@@ -1,0 +1,65 @@
+"""Output files: slugs, atomic writes, H.264 mp4 through PyAV decoded back."""
+import json
+import math
+
+import av
+import numpy as np
+import pytest
+
+from sdvg_rt.video import VideoWriter, atomic_write_json, read_video, slugify, write_video
+
+
+@pytest.mark.parametrize("text,slug", [
+    ("A cat, on the Moon!", "a-cat-on-the-moon"),
+    ("Café déjà vu", "cafe-deja-vu"),
+    ("../../etc/passwd", "etc-passwd"),
+    ("日本語のプロンプト", "prompt"),
+    ("   ", "prompt"),
+    ("x" * 200, "x" * 60),
+])
+def test_slugify(text, slug):
+    assert slugify(text) == slug
+
+
+def test_atomic_json_is_strict_and_leaves_no_tmp(tmp_path):
+    p = tmp_path / "r.json"
+    atomic_write_json(p, {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": np.float32(2.0)})
+    assert json.loads(p.read_text()) == {"a": "nan", "b": ["inf", "-inf", 1.5], "c": 2.0}
+    assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def _frames(n=9, h=32, w=48):
+    y, x = np.mgrid[0:h, 0:w]
+    f = np.stack([(x * 255 // w), (y * 255 // h), np.full_like(x, 128)], -1).astype(np.uint8)
+    return np.stack([np.roll(f, 2 * i, axis=1) for i in range(n)])
+
+
+def test_mp4_round_trip(tmp_path):
+    frames = _frames()
+    p = write_video(tmp_path / "v.mp4", frames, fps=16, crf=10, preset="ultrafast")
+    with av.open(str(p)) as c:
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+        assert s.average_rate == 16 and (s.width, s.height) == (48, 32)
+    back = read_video(p)
+    assert back.shape == frames.shape
+    # lossy (H.264 + 4:2:0 chroma): smooth test pattern at crf 10 stays within a few levels on average
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 4
+    assert [x.name for x in tmp_path.iterdir()] == ["v.mp4"]
+
+
+def test_writer_is_atomic_on_error(tmp_path):
+    target = tmp_path / "v.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(target, 48, 32, preset="ultrafast") as w:
+            w.write(_frames(3))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # neither the video nor a temporary file
+
+
+def test_writer_rejects_wrong_frames(tmp_path):
+    with VideoWriter(tmp_path / "v.mp4", 48, 32, preset="ultrafast") as w:
+        with pytest.raises(ValueError, match="uint8 frames"):
+            w.write(np.zeros((2, 32, 48, 3), np.float32))
+        w.write(_frames(2))
+    assert read_video(tmp_path / "v.mp4").shape == (2, 32, 48, 3)

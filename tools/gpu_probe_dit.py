@@ -1,0 +1,111 @@
+"""GPU probe (development): DiT block-step times vs the floor, eager vs CUDA graph, per attention backend.
+
+Usage on the device:  python tools/gpu_probe_dit.py [--models drafter,target]
+Writes $OUT/probe_dit.json and prints a table.
+"""
+import argparse, json, math, os, sys, time
+
+import torch
+
+from sdvg_rt.floor import FloorProbe, cuda_time  # noqa: E402
+from sdvg_rt.kv_cache import KVCache  # noqa: E402
+from sdvg_rt.models.attention import set_attention_backend  # noqa: E402
+from sdvg_rt.models.wan_dit import WanDiT, WanDiTConfig  # noqa: E402
+
+
+def random_init_(model, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dim = model.cfg.dim
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32)
+            if name.endswith("modulation"):
+                x /= math.sqrt(dim)
+            elif name.endswith(".bias"):
+                x *= 0.02
+            elif p.dim() == 1:
+                x = 1.0 + 0.1 * x
+            else:
+                x /= math.sqrt(math.prod(p.shape[1:]))
+            p.copy_(x)
+
+
+def build(preset):
+    cfg = WanDiTConfig.from_name(preset)
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    m = m.to_empty(device="cuda").to(torch.bfloat16)
+    m.rope.build("cuda")
+    random_init_(m)
+    return m.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="drafter,target")
+    ap.add_argument("--backends", default="cudnn,flash")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    presets = {"drafter": "wan2.1-1.3b", "target": "wan2.1-14b"}
+    h, w, F = 60, 104, 3
+    tpf = 1560
+    n = F * tpf
+    for kind in a.models.split(","):
+        m = build(presets[kind])
+        cfg = m.cfg
+        cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, F, 21, 0, torch.bfloat16, "cuda")
+        cache.kv.normal_()
+        ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+        ctx_kv = m.prepare_context(ctx)
+        x = torch.randn(1, 16, F, h, w, device="cuda", dtype=torch.bfloat16)
+        t = torch.full((F,), 937.5, device="cuda")
+        probe = FloorProbe(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads, n)
+        for be in a.backends.split(","):
+            set_attention_backend(be)
+            probe.backend = be
+            for block in (0, 3, 6):
+                slots = cache.slots(block)
+                with torch.no_grad():
+                    fn = lambda: m(x, t, ctx_kv, cache.kv, slots)
+                    try:
+                        te = cuda_time(fn, iters=5, warmup=2)
+                    except Exception as ex:
+                        res["rows"].append(dict(model=kind, backend=be, block=block, error=str(ex)[:200]))
+                        print(kind, be, block, "ERROR", str(ex)[:200], flush=True)
+                        continue
+                    # CUDA graph of one forward
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        fn(); fn()
+                    torch.cuda.current_stream().wait_stream(s)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        out = fn()
+                    tg = cuda_time(g.replay, iters=5, warmup=1)
+                    del g
+                floor = probe.forward(slots.read_end)
+                row = dict(model=kind, backend=be, block=block, kv=slots.read_end, eager_ms=te * 1e3,
+                           graph_ms=tg * 1e3, floor_ms=floor * 1e3, ratio_graph=tg / floor)
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        res[f"{kind}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        del m, cache, ctx_kv
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print("\n| model | attn | block | kv | eager ms | graph ms | floor ms | graph/floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        if "error" in r:
+            print(f"| {r['model']} | {r['backend']} | {r['block']} | error: {r['error'][:60]} |")
+        else:
+            print(f"| {r['model']} | {r['backend']} | {r['block']} | {r['kv']} | {r['eager_ms']:.1f} | "
+                  f"{r['graph_ms']:.1f} | {r['floor_ms']:.1f} | {r['ratio_graph']:.2f} |")
+    od = os.environ.get("OUT")
+    if od:
+        json.dump(res, open(os.path.join(od, "probe_dit.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
