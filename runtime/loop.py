@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .decide import ACCEPTED, CommitQueue, check_mode, check_tau, decide, drafts, scores
+from .decide import ACCEPTED, FORCED, REJECTED, CommitQueue, Decision, check_mode, check_tau, decide, drafts, scores
 from .errors import NumericalError
 from .models.imagereward import frames_to_uint8
 from .stats import BlockRecord, Timer, summarize
@@ -110,6 +110,8 @@ class SpeculativeLoop:
         self.frames_dev = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, device=device)
         self.frames_host = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
         self.timer = Timer(self.device)
+        # Benchmark only (tools/bench.py): per-block accept flags that override the tau test in sdvg mode.
+        self.accept_pattern: list[bool] | None = None
 
     # ---- per prompt ------------------------------------------------------------------------------
     def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
@@ -178,6 +180,10 @@ class SpeculativeLoop:
                 nan = any(math.isnan(x) for x in bad)
                 rec.min_score = (math.nan if nan else max(bad)) if bad else min(rec.scores)
             d = decide(mode, b, rec.min_score, tau, finite=bool(st[2] > 0) if drafts(mode, b) else True)
+            if self.accept_pattern is not None and mode == "sdvg" and d.kind != FORCED:
+                # benchmark only: a fixed acceptance pattern replaces the score test (scores still computed)
+                ok = self.accept_pattern[b % len(self.accept_pattern)]
+                d = Decision(ACCEPTED if ok else REJECTED, "benchmark acceptance pattern")
             rec.decision, rec.reason = d.kind, d.reason
             # 3. execute the decision
             if d.kind == ACCEPTED:

@@ -20,6 +20,7 @@ from .errors import ProfileError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("torch", "tensorrt")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 COMPONENTS = ("drafter", "target", "vae", "scorer")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # editable install: the checkout
 PROFILES_DIR = REPO_ROOT / "profiles"
@@ -95,6 +96,15 @@ class Backends:
 
 
 @dataclass(frozen=True)
+class Performance:
+    """GPU fast path of the torch backend (ignored on CPU, where everything runs eagerly)."""
+
+    attention: str = "auto"  # SDPA backend: auto (cuDNN first) | cudnn | flash | efficient | math
+    cuda_graphs: bool = True  # one graph per (model, block index), VAE decode and scorer
+    compile: bool = True  # torch.compile the elementwise groups (norms, RoPE, modulation) into single kernels
+
+
+@dataclass(frozen=True)
 class Sampling:
     mode: str = "sdvg"
     tau: float = -0.7
@@ -123,6 +133,7 @@ class Profile:
     precision: str = "bf16"  # DiTs, VAE (and the text encoder on GPU)
     scorer_precision: str = "fp32"  # ImageReward: decisions compare its scores with tau
     backends: Backends = Backends()
+    performance: Performance = Performance()
     sampling: Sampling = Sampling()
     output: Output = Output()
 
@@ -145,6 +156,7 @@ _SECTIONS = {
     "schedule": ScheduleConfig,
     "cache": Cache,
     "backends": Backends,
+    "performance": Performance,
     "sampling": Sampling,
     "output": Output,
 }
@@ -293,6 +305,8 @@ def validate(p: Profile) -> None:
         b = getattr(p.backends, comp)
         if b not in BACKENDS:
             bad(f"backends.{comp}", f"must be one of {', '.join(BACKENDS)}, got {b!r}")
+    if p.performance.attention not in ATTENTION_BACKENDS:
+        bad("performance.attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {p.performance.attention!r}")
     sm = p.sampling
     if sm.mode not in MODES:
         bad("sampling.mode", f"must be one of {', '.join(MODES)}, got {sm.mode!r}")

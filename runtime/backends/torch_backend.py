@@ -21,11 +21,50 @@ from ..noise import NoiseStream
 from ..schedule import Schedule, renoise_, x0_from_flow_
 
 
+class CudaGraphs:
+    """CUDA graphs keyed by a host value (a block index, a state parity, ...), captured on first use.
+
+    ``run(key, fn)``: the first call of a key runs ``fn`` eagerly on a side stream (warm-up: cuDNN/cuBLAS
+    plans, compiled kernels), captures it, and replays it; later calls only replay. Disabled (CPU, or
+    ``performance.cuda_graphs: false``) it just calls ``fn``.
+
+    Contract that makes one shared memory pool safe whatever order graphs replay in: ``fn`` reads and
+    writes only tensors allocated outside any graph (the component's preallocated buffers, caches and
+    states); whatever it allocates is scratch, dead when it returns. Host values a graph bakes in (a block
+    index, slot offsets, sigmas) are part of its key.
+    """
+
+    def __init__(self, enabled: bool, device=None):
+        self.enabled = bool(enabled)
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self.device = device
+
+    def run(self, key, fn) -> None:
+        if not self.enabled:
+            fn()
+            return
+        g = self.graphs.get(key)
+        if g is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                fn()  # warm-up, and this call's real work (the capture below does not execute)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                fn()
+            self.graphs[key] = g
+            return  # the warm-up already did the work; a replay now would repeat it (harmless but wasted)
+        g.replay()
+
+
 class TorchDenoiser:
     """One block-causal DiT with its preallocated state (``kind`` is "drafter" or "target")."""
 
     def __init__(self, model, kind: str, *, latent_shape: tuple[int, int, int], window_frames: int,
-                 sink_frames: int, schedule: Schedule, device, dtype: torch.dtype, text_len: int | None = None):
+                 sink_frames: int, schedule: Schedule, device, dtype: torch.dtype, text_len: int | None = None,
+                 graphs: bool = False):
         cfg = model.cfg
         frames, h, w = latent_shape  # per block
         self.model, self.kind, self.schedule = model, kind, schedule
@@ -42,6 +81,8 @@ class TorchDenoiser:
         self.x0 = torch.zeros(shape, dtype=torch.float32, device=device)  # x0 work buffer (fp32 maths)
         self.work = torch.zeros(shape, dtype=torch.float32, device=device)
         self.out = torch.zeros(shape, dtype=dtype, device=device)  # the block's clean latent
+        self.commit_in = torch.zeros(shape, dtype=dtype, device=device)  # static input of the commit graphs
+        self.graphs = CudaGraphs(graphs and self.device.type == "cuda", self.device)
         self.noise = NoiseStream(shape, schedule.num_steps, device)
         self.t = schedule.timestep_table(frames, device)  # [steps + 1, F]; last row: t = 0 (commit)
         self.t_commit = torch.zeros(frames * self.cache.window_blocks, dtype=torch.float32, device=device)
@@ -66,8 +107,12 @@ class TorchDenoiser:
         """4 denoising steps of ``block`` (noise from (seed, block, step)) -> clean latent [1, 16, F, h, w].
 
         Each step writes the block's noisy K/V into its cache slots (overwritten by the commit later).
-        Returns ``self.out`` (valid until the next call).
+        Returns ``self.out`` (valid until the next call). One CUDA graph per block index on the GPU.
         """
+        self.graphs.run(("denoise", block), lambda: self._denoise(block))
+        return self.out
+
+    def _denoise(self, block: int) -> None:
         slots = self.cache.slots(block)
         eps = self.noise.fill(block)  # [steps, 1, 16, F, h, w] fp32
         self.x.copy_(eps[0])
@@ -78,12 +123,18 @@ class TorchDenoiser:
             x0_from_flow_(self.x0, self.x, v, sigma)
             if k < last:
                 renoise_(self.x, self.x0, eps[k + 1], self.sigmas[k + 1], self.work)
-        return self.out.copy_(self.x0)
+        self.out.copy_(self.x0)
 
     @torch.no_grad()
     def commit_block(self, block: int, x: torch.Tensor) -> None:
-        """t = 0 forward on the clean latent x [1, 16, F, h, w]: writes the block's clean K/V (output unused)."""
-        self.model(x, self.t[-1], self.ctx_kv, self.cache.kv, self.cache.slots(block))
+        """t = 0 forward on the clean latent x [1, 16, F, h, w]: writes the block's clean K/V (output unused).
+        One CUDA graph per block index on the GPU (x is copied into its static input first)."""
+        if not self.graphs.enabled:
+            self.model(x, self.t[-1], self.ctx_kv, self.cache.kv, self.cache.slots(block))
+            return
+        self.commit_in.copy_(x)
+        self.graphs.run(("commit", block), lambda: self.model(self.commit_in, self.t[-1], self.ctx_kv, self.cache.kv,
+                                                              self.cache.slots(block)))
 
     @torch.no_grad()
     def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None:
@@ -112,23 +163,55 @@ class TorchDenoiser:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every preallocated state tensor (for memory accounting and tests)."""
         return {"kv": self.cache.kv, "context": self.context, "ctx_kv": self.ctx_kv, "x": self.x, "x0": self.x0,
-                "work": self.work, "out": self.out, "noise": self.noise.out, "noise_key": self.noise.key,
+                "work": self.work, "out": self.out, "commit_in": self.commit_in, "noise": self.noise.out, "noise_key": self.noise.key,
                 "t": self.t, "t_commit": self.t_commit}
 
 
 class TorchDecoder:
-    """Streaming VAE decode with a committed and a scratch state (``VAEStream``)."""
+    """Streaming VAE decode with a committed and a scratch state (``VAEStream``).
 
-    def __init__(self, stream):
+    On the GPU each decode is a CUDA graph keyed by (block 0?, which state is committed): the two
+    preallocated states swap roles on ``keep_scratch``, so four graphs cover a video. Latents are copied into
+    a static input and frames come back in static per-kind output buffers (valid until the next decode).
+    """
+
+    def __init__(self, stream, graphs: bool = False):
         self.stream = stream
+        dec = stream.decoder
+        dev = next(dec.parameters()).device
+        self.graphs = CudaGraphs(graphs and dev.type == "cuda", dev)
+        self.z_in = self.frames_out = None
+        if self.graphs.enabled:
+            cfg, z = dec.config, stream.committed.slots[0]  # slot 0 is [1, z_dim, 2, h, w]
+            _, c, _, h, w = z.shape
+            self._fpb = None  # latents per block: set on the first decode (static afterwards)
+            self._shape = (c, h, w, cfg, z.dtype, dev)
 
     def reset(self) -> None:
         self.stream.reset()
 
+    def _static(self, z: torch.Tensor) -> None:
+        c, h, w, cfg, dtype, dev = self._shape
+        if self.z_in is None:
+            f = z.shape[2]
+            self.z_in = torch.zeros(1, c, f, h, w, dtype=dtype, device=dev)
+            s = cfg.spatial_scale
+            self.frames_out = {first: torch.zeros(1, 3, cfg.frames_out(f, first, self.stream.convention), h * s, w * s,
+                                                  dtype=dtype, device=dev) for first in (True, False)}
+        self.z_in.copy_(z)
+
     @torch.no_grad()
     def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor:
         """Decode a draft from the committed state into the scratch state; the committed state is untouched."""
-        return self.stream.decode_scratch(z, block)
+        if not self.graphs.enabled:
+            return self.stream.decode_scratch(z, block)
+        self._static(z)
+        first = block == 0
+        out = self.frames_out[first]
+        self.graphs.run(("decode", first, self.stream.parity),
+                        lambda: out.copy_(self.stream.decode_scratch(self.z_in, block)))
+        self.stream.scratch_ready = True  # a replay skips decode_scratch's host-side bookkeeping
+        return out
 
     def keep_scratch(self) -> None:
         """Accept: the scratch state becomes the committed one (a swap of references, no copy)."""
@@ -136,21 +219,28 @@ class TorchDecoder:
 
     @torch.no_grad()
     def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        return self.stream.decode_commit(z, block)
+        frames = self.decode_scratch(z, block)
+        self.keep_scratch()
+        return frames
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         fn = getattr(self.stream, "state_tensors", None)
-        return dict(fn()) if fn is not None else {}
+        out = dict(fn()) if fn is not None else {}
+        if self.z_in is not None:
+            out.update({"z_in": self.z_in, **{f"frames_out_{k}": v for k, v in self.frames_out.items()}})
+        return out
 
 
 class TorchScorer:
     """ImageReward on decoded frames: ``score(frames [1, 3, N, H, W]) -> [N] float32`` (device)."""
 
-    def __init__(self, model, tokenizer, device):
+    def __init__(self, model, tokenizer, device, graphs: bool = False):
         self.model, self.tokenizer = model, tokenizer
         n = model.cfg.text_length
         self.ids = torch.zeros(1, n, dtype=torch.int64, device=device)
         self.mask = torch.zeros(1, n, dtype=torch.int64, device=device)
+        self.graphs = CudaGraphs(graphs and torch.device(device).type == "cuda", torch.device(device))
+        self.out: dict = {}  # static outputs per captured input (frames buffers are static: the decoder's)
 
     def prepare(self, prompt: str) -> None:
         ids, mask = self.tokenizer(prompt)  # host, [1, 35] each
@@ -159,8 +249,16 @@ class TorchScorer:
 
     @torch.no_grad()
     def score(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [1, 3, N, H, W] in [-1, 1] (the decoder's output) -> per-frame rewards [N] float32."""
-        return self.model.score_frames(frames[0].transpose(0, 1), self.ids, self.mask)
+        """frames [1, 3, N, H, W] in [-1, 1] (the decoder's output) -> per-frame rewards [N] float32.
+        On the GPU one CUDA graph per input buffer (the decoder's few static frame buffers)."""
+        if not self.graphs.enabled:
+            return self.model.score_frames(frames[0].transpose(0, 1), self.ids, self.mask)
+        key = (frames.data_ptr(), tuple(frames.shape))
+        if key not in self.out:
+            self.out[key] = torch.zeros(frames.shape[2], dtype=torch.float32, device=frames.device)
+        out = self.out[key]
+        self.graphs.run(key, lambda: out.copy_(self.model.score_frames(frames[0].transpose(0, 1), self.ids, self.mask)))
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"ids": self.ids, "mask": self.mask}

@@ -235,9 +235,10 @@ _ops = dict(_EAGER)
 def compile_elementwise(enabled: bool = True) -> None:
     """Fuse each norm (+SiLU) into one kernel with ``torch.compile`` (GPU fast path), or go back to
     eager. The activations are the largest tensors of the pipeline (up to 12 frames x 96 x 480 x 832),
-    so each pass saved is worth about a millisecond."""
+    so each pass saved is worth about a millisecond. Compiled with dynamic shapes: the decoder meets about
+    twenty (channels, frames, height, width) combinations, more than dynamo's recompile limit."""
     for name, fn in _EAGER.items():
-        _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
+        _ops[name] = torch.compile(fn, dynamic=True, fullgraph=True) if enabled else fn
 
 
 class RMSNorm(nn.Module):
@@ -508,7 +509,7 @@ class VAEStream:
         self.decoder, self.h, self.w, self.convention = decoder, h, w, convention
         self._states = (decoder.new_state(h, w, dtype, device), decoder.new_state(h, w, dtype, device))
         self.parity = 0  # index of the committed state in _states
-        self._scratch_ready = False
+        self.scratch_ready = False
 
     @staticmethod
     def nbytes_for(config: WanVAEConfig, h: int, w: int, dtype: torch.dtype) -> int:
@@ -531,14 +532,14 @@ class VAEStream:
         """Decode block ``block`` from the committed history into the scratch state."""
         first = block == 0
         frames = self.decoder.decode(z, None if first else self.committed, self.scratch, first, self.convention)
-        self._scratch_ready = True
+        self.scratch_ready = True  # host-side bookkeeping: a CUDA-graph replay of this call must set it too
         return frames
 
     def keep_scratch(self) -> None:
         """Accept the last scratch decode: swap committed and scratch (references only)."""
-        assert self._scratch_ready, "keep_scratch() needs a decode_scratch() since the last keep/reset"
+        assert self.scratch_ready, "keep_scratch() needs a decode_scratch() since the last keep/reset"
         self.parity = 1 - self.parity
-        self._scratch_ready = False
+        self.scratch_ready = False
 
     def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor:
         frames = self.decode_scratch(z, block)
@@ -550,4 +551,4 @@ class VAEStream:
         for s in self._states:
             s.zero_()
         self.parity = 0
-        self._scratch_ready = False
+        self.scratch_ready = False

@@ -1,0 +1,315 @@
+"""``sdvg-rt bench`` / ``tools/bench.py``: component and end-to-end timings against the hardware floor.
+
+On one GPU with full-size models and random weights (the synthetic init of
+``checkpoints.wan_dit``, generated on the device: writing and reading 50 GB of synthetic files would
+measure the disk). Reports, per component, the median time of a drafter block (4 denoising steps with
+re-noise), a target block, one commit forward of each, a VAE block decode and ImageReward on a block's
+frames, with the floor of the same DiT shapes measured in the same run (``sdvg_rt.floor``); then whole
+81-frame videos in ``target``, ``draft`` and ``sdvg`` mode at fixed acceptance patterns (benchmark-only
+override of the tau test; scores are still computed), with frames per second, time to first block,
+speedup over ``target``, loop overhead over the sum of its components, and peak GPU memory.
+JSON to ``--json``; a markdown table on stdout. ``--size tiny --device cpu`` runs the same code paths
+on the tiny presets (used by the test suite; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    "full": dict(drafter="wan2.1-1.3b", target="wan2.1-14b", vae="wan2.1", scorer="v1.0",
+                 width=832, height=480, latent_frames=21),
+    "tiny": dict(drafter="tiny", target="tiny-target", vae="tiny", scorer="tiny",
+                 width=64, height=64, latent_frames=9),
+}
+
+
+def accept_pattern(rate: float, blocks: int) -> list[bool]:
+    """A fixed pattern over blocks 0..blocks-1 (block 0 is forced anyway) with ``round(rate * (blocks-1))``
+    accepts, the rejects spread evenly (deterministic, so runs compare)."""
+    judged = blocks - 1
+    rejects = judged - round(rate * judged)
+    pat = [True] * blocks
+    for i in range(rejects):  # evenly spaced over blocks 1..judged
+        pat[1 + (i * judged) // rejects + (judged // rejects) // 2] = False
+    return pat
+
+
+def random_init_(model: torch.nn.Module, dim: int, seed: int = 0) -> None:
+    """The synthetic init of ``checkpoints.wan_dit`` (weights N(0, 1/fan_in), biases N(0, 0.02^2), norm
+    weights 1 + N(0, 0.1^2), modulation N(0, 1/dim)), drawn on the model's device."""
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32)
+            if name.endswith("modulation"):
+                x /= math.sqrt(dim)
+            elif name.endswith(".bias"):
+                x *= 0.02
+            elif p.dim() == 1:
+                x = 1.0 + 0.1 * x
+            else:
+                x /= math.sqrt(math.prod(p.shape[1:]))
+            p.copy_(x)
+
+
+def build_runtime(size: str, device: torch.device, log=print):
+    """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder)."""
+    from .api import Runtime, apply_performance
+    from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
+    from .checkpoints.wan_vae import synthetic_vae_state_dict
+    from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
+    from .models.wan_dit import WanDiT, WanDiTConfig
+    from .models.wan_vae import WanVAEConfig, WanVAEDecoder
+    from .profiles import demo_profile
+
+    s = SIZES[size]
+    prof = demo_profile().replace(models__drafter=s["drafter"], models__target=s["target"], models__vae=s["vae"],
+                                  models__scorer=s["scorer"],
+                                  width=s["width"], height=s["height"], latent_frames=s["latent_frames"],
+                                  window_frames=s["latent_frames"], sink_frames=0, name=f"bench-{size}",
+                                  precision="bf16" if device.type == "cuda" else "fp32")
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    models = {}
+    for kind in ("drafter", "target"):
+        cfg = WanDiTConfig.from_name(s[kind])
+        with torch.device("meta"):
+            m = WanDiT(cfg)
+        m = m.to_empty(device=device).to(dt)
+        m.rope.build(device)
+        random_init_(m, cfg.dim, seed=1 if kind == "drafter" else 2)
+        models[kind] = m.eval()
+        log(f"  {kind} {s[kind]}: {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B parameters")
+    vcfg = WanVAEConfig.from_name(s["vae"])
+    vae = WanVAEDecoder(vcfg)
+    vae.load_state_dict(synthetic_vae_state_dict(vcfg, 0, decoder_only=True), strict=True)
+    vae = vae.to(device, dt).eval()
+    if device.type == "cuda":
+        vae.to_channels_last()
+    models["vae"] = vae
+    icfg = ImageRewardConfig.preset(s["scorer"])
+    ir = ImageReward(icfg)
+    ir.load_state_dict({k: v for k, v in synthetic_state_dict(icfg, 0).items() if k in ir.state_dict()}, strict=True)
+    models["scorer"] = ir.to(device, torch.float32).eval()
+    vocab = Path(tempfile.mkdtemp(prefix="sdvg-bench-")) / "vocab.txt"
+    vocab.write_text("\n".join(synthetic_vocab_lines()) + "\n", encoding="utf-8")
+    models["scorer_tokenizer"] = ImageRewardTokenizer(vocab)
+    apply_performance(prof, device, {k: models[k] for k in ("drafter", "target")})
+    log(f"  models built in {time.perf_counter() - t0:.1f} s")
+    return Runtime(prof, device, models, None, time.perf_counter() - t0)
+
+
+def _median_ms(fn, device, repeats: int) -> float:
+    if device.type == "cuda":
+        from .floor import cuda_time
+
+        return cuda_time(fn, iters=repeats, warmup=1) * 1e3
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def bench_components(rt, device, repeats: int, log=print) -> dict:
+    """Median ms of each component at the mean context of the video (block n//2) and its floor."""
+    from .floor import FloorProbe
+    from .loop import PreparedPrompt
+
+    loop, prof = rt.loop, rt.profile
+    v = prof.video
+    nb = v.num_blocks
+    mid = nb // 2
+    cfg = rt._models["drafter"].cfg
+    prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
+    loop.prepare(prompt, seed=0)
+    out = {}
+    for kind in ("drafter", "target"):
+        den = getattr(loop, kind)
+        for b in range(mid + 1):  # fill the cache up to the measured block (and capture its graphs)
+            x = den.denoise_block(b)
+            den.commit_block(b, x)
+        out[f"{kind}_block_ms"] = _median_ms(lambda: den.denoise_block(mid), device, repeats)
+        out[f"{kind}_commit_ms"] = _median_ms(lambda: den.commit_block(mid, den.out), device, repeats)
+        if device.type == "cuda":
+            m = rt._models[kind].cfg
+            tpf = (v.latent_height // 2) * (v.latent_width // 2)
+            probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, v.frames_per_block * tpf)
+            fwd = probe.forward((mid + 1) * v.frames_per_block * tpf)
+            out[f"{kind}_block_floor_ms"] = 4 * fwd * 1e3
+            out[f"{kind}_commit_floor_ms"] = fwd * 1e3
+            out[f"{kind}_block_ratio"] = out[f"{kind}_block_ms"] / out[f"{kind}_block_floor_ms"]
+            out[f"{kind}_commit_ratio"] = out[f"{kind}_commit_ms"] / out[f"{kind}_commit_floor_ms"]
+        log(f"  {kind}: block {out[f'{kind}_block_ms']:.1f} ms, commit {out[f'{kind}_commit_ms']:.1f} ms")
+    dec = loop.decoder
+    z = loop.drafter.out
+    dec.decode_commit(z, 0)
+    frames = dec.decode_scratch(z, mid)
+    out["vae_block_ms"] = _median_ms(lambda: dec.decode_scratch(z, mid), device, repeats)
+    out["scorer_block_ms"] = _median_ms(lambda: loop.scorer.score(frames), device, repeats)
+    out["scorer_frames"] = int(frames.shape[2])
+    log(f"  vae block {out['vae_block_ms']:.1f} ms, scorer {out['scorer_block_ms']:.1f} ms")
+    return out
+
+
+def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> list[dict]:
+    """Whole videos per (mode, acceptance rate). The first video of each run captures graphs (warm), the
+    second is timed."""
+    from .loop import PreparedPrompt
+
+    cfg = rt._models["drafter"].cfg
+    prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
+    nb = rt.profile.video.num_blocks
+    rows = []
+    for mode, rate in runs:
+        rt.allocate()
+        rt.loop.accept_pattern = accept_pattern(rate, nb) if mode == "sdvg" else None
+        for attempt in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            first = None
+            frames = 0
+            for blk in rt.stream(prompt, mode=mode, tau=0.0, seed=attempt):
+                if first is None:
+                    first = time.perf_counter() - t0
+                frames += blk.frames.shape[0]
+            wall = time.perf_counter() - t0
+        st = rt.last_stats
+        comp = sum(st["totals"]["times_ms"].values()) / 1e3
+        row = dict(mode=mode, accept_rate_set=rate, accept_rate=st["acceptance_rate"], frames=frames, wall_s=wall,
+                   fps=frames / wall, first_block_s=first, components_s=comp,
+                   loop_overhead=(wall - comp) / comp if comp else None,
+                   peak_GiB=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
+                   decisions="".join(b["decision"][0].upper() for b in st["blocks"]),
+                   target_commits_skipped=st["totals"]["target_commits_skipped"])
+        rows.append(row)
+        log(f"  {mode}{'' if rate is None else f' @{rate:.0%}'}: {row['fps']:.2f} fps, first block "
+            f"{first:.2f} s, decisions {row['decisions']}, loop overhead {row['loop_overhead']:.1%}")
+        rt.loop.accept_pattern = None
+    base = next((r for r in rows if r["mode"] == "target"), None)
+    for r in rows:
+        r["speedup_vs_target"] = base["wall_s"] / r["wall_s"] if base else None
+    return rows
+
+
+def self_check(rt, device, blocks: int = 3, log=print) -> dict:
+    """Graph replay equals eager execution: the same sdvg video prefix (accept/reject pattern fixed) with
+    every component's CUDA graphs on, then off; committed latents and frames must be bit-identical (the
+    same kernels run, only the launches differ)."""
+    from .loop import PreparedPrompt
+
+    cfg = rt._models["drafter"].cfg
+    prompt = PreparedPrompt("self check", torch.randn(1, cfg.text_len, cfg.text_dim,
+                                                         generator=torch.Generator().manual_seed(7)))
+    rt.allocate()
+    loop = rt.loop
+    comps = [loop.drafter, loop.target, loop.decoder, loop.scorer]
+    loop.accept_pattern = [True, False, True, True]
+    outs = []
+    for enabled in (True, False):
+        for c in comps:
+            if hasattr(c, "graphs"):
+                c.graphs.enabled = enabled and device.type == "cuda"
+        frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=3, max_blocks=blocks)]
+        outs.append((loop.committed_latents()[:, :, : blocks * rt.profile.video.frames_per_block].float().cpu(),
+                     frames, [b["decision"] for b in rt.last_stats["blocks"]]))
+    for c in comps:
+        if hasattr(c, "graphs"):
+            c.graphs.enabled = device.type == "cuda" and rt.profile.performance.cuda_graphs
+    loop.accept_pattern = None
+    (lg, fg, dg), (le, fe, de) = outs
+    res = {"blocks": blocks, "decisions": dg, "latents_equal": bool(torch.equal(lg, le)),
+           "latents_max_abs_diff": float((lg - le).abs().max()),
+           "frames_equal": all(a.shape == b.shape and (a == b).all() for a, b in zip(fg, fe)) and dg == de}
+    log(f"  self-check (graphs vs eager, {blocks} blocks, {dg}): latents equal {res['latents_equal']} "
+        f"(max |diff| {res['latents_max_abs_diff']:.3g}), frames equal {res['frames_equal']}")
+    return res
+
+
+def markdown(res: dict) -> str:
+    c = res["components"]
+    lines = [f"Device: {res['device']}, torch {res['torch']}, size {res['size']}, {res['date']}", "",
+             "| component | median ms | floor ms | ratio |", "|---|---|---|---|"]
+    for k, label in (("drafter_block", "drafter block (4 steps)"), ("target_block", "target block (4 steps)"),
+                     ("drafter_commit", "drafter commit forward"), ("target_commit", "target commit forward")):
+        f = c.get(f"{k}_floor_ms")
+        lines.append(f"| {label} | {c[f'{k}_ms']:.1f} | {'' if f is None else f'{f:.1f}'} | "
+                     f"{'' if f is None else format(c[k + '_ratio'], '.2f')} |")
+    lines.append(f"| VAE block decode | {c['vae_block_ms']:.1f} | | |")
+    lines.append(f"| ImageReward ({c['scorer_frames']} frames) | {c['scorer_block_ms']:.1f} | | |")
+    sc = res.get("self_check")
+    if sc:
+        lines += ["", f"Self-check, CUDA-graph replay vs eager ({sc['blocks']} blocks, {'/'.join(sc['decisions'])}): "
+                      f"latents bit-identical: {sc['latents_equal']}, frames identical: {sc['frames_equal']}"]
+    lines += ["", "| mode | accept | frames | fps | first block s | speedup vs target | loop overhead | peak GiB | decisions |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["e2e"]:
+        acc = "" if r["accept_rate"] is None else f"{r['accept_rate']:.0%}"
+        pk = "" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"
+        sp = "" if r["speedup_vs_target"] is None else f"{r['speedup_vs_target']:.2f}"
+        lines.append(f"| {r['mode']} | {acc} | {r['frames']} | {r['fps']:.2f} | {r['first_block_s']:.2f} | {sp} | "
+                     f"{r['loop_overhead']:.1%} | {pk} | {r['decisions']} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="component and end-to-end timings (full-size random weights on one GPU)")
+    _args(p)
+    p.set_defaults(func=lambda a: run(a))
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--accept-rates", default="1.0,0.8", help="sdvg runs at these fixed acceptance rates")
+    p.add_argument("--modes", default="target,draft,sdvg")
+    p.add_argument("--json", default=None, help="write the full results here")
+
+
+def run(a: argparse.Namespace) -> int:
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
+    rt = build_runtime(a.size, dev)
+    rt.allocate()
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention}
+    res["self_check"] = self_check(rt, dev)
+    res["components"] = bench_components(rt, dev, a.repeats)
+    runs = []
+    for m in a.modes.split(","):
+        if m == "sdvg":
+            runs += [("sdvg", float(r)) for r in a.accept_rates.split(",")]
+        else:
+            runs.append((m, None))
+    res["e2e"] = bench_e2e(rt, dev, runs)
+    if dev.type == "cuda":
+        res["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    md = markdown(res)
+    print(md)
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__.splitlines()[0])
+    _args(p)
+    return run(p.parse_args(argv))
