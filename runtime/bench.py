@@ -235,6 +235,16 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     res = {"blocks": blocks, "decisions": dg, "latents_equal": bool(torch.equal(lg, le)),
            "latents_max_abs_diff": float((lg - le).abs().max()),
            "frames_equal": all(a.shape == b.shape and (a == b).all() for a, b in zip(fg, fe)) and dg == de}
+    # the CUDA-only FFN path (GELU in the cuBLASLt epilogue) vs the plain modules, fp32 reference
+    from .models.wan_dit import _ffn
+    ffn = rt._models["drafter"].blocks[0].ffn
+    x = torch.randn(1, 256, cfg.dim, device=device, dtype=next(ffn.parameters()).dtype,
+                    generator=torch.Generator(device=device).manual_seed(0))
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
+        x.float(), ffn[0].weight.float(), ffn[0].bias.float()), approximate="tanh"), ffn[2].weight.float(), ffn[2].bias.float())
+    fused, plain = _ffn(ffn, x).float(), ffn(x).float()
+    res["ffn_fused_rel_err"] = float((fused - ref).norm() / ref.norm())
+    res["ffn_plain_rel_err"] = float((plain - ref).norm() / ref.norm())
     log(f"  self-check (graphs vs eager, {blocks} blocks, {dg}): latents equal {res['latents_equal']} "
         f"(max |diff| {res['latents_max_abs_diff']:.3g}), frames equal {res['frames_equal']}")
     return res
@@ -254,7 +264,9 @@ def markdown(res: dict) -> str:
     sc = res.get("self_check")
     if sc:
         lines += ["", f"Self-check, CUDA-graph replay vs eager ({sc['blocks']} blocks, {'/'.join(sc['decisions'])}): "
-                      f"latents bit-identical: {sc['latents_equal']}, frames identical: {sc['frames_equal']}"]
+                      f"latents bit-identical: {sc['latents_equal']}, frames identical: {sc['frames_equal']}; "
+                      f"FFN with GELU in the GEMM epilogue vs fp32: {sc['ffn_fused_rel_err']:.2e} relative "
+                      f"(plain bf16 modules: {sc['ffn_plain_rel_err']:.2e})"]
     lines += ["", "| mode | accept | frames | fps | first block s | speedup vs target | loop overhead | peak GiB | decisions |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["e2e"]:

@@ -191,11 +191,22 @@ def causal_conv(conv: nn.Conv3d, x: torch.Tensor, slot: int, ctx: _Ctx) -> torch
     Writes the last 2 input frames into ``ctx.new[slot]`` (in place). Safe when state_in is state_out:
     the history is copied into the concatenation before the slot is overwritten.
     """
+    return _conv(conv, _with_history(x, slot, ctx), bias=True)
+
+
+def _with_history(x: torch.Tensor, slot: int, ctx: _Ctx) -> torch.Tensor:
+    """``[2 history frames | x]`` along time; the last 2 frames become the slot's new history (in place)."""
     new = ctx.new[slot]
     hist = new.zero_() if ctx.hist is None else ctx.hist[slot]
     xin = torch.cat([hist, x], dim=2)
     new.copy_(xin[:, :, -CACHE_T:])
-    return conv(xin)
+    return xin
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The convolution, with or without its bias (without: the caller folds the bias into the next fused
+    elementwise kernel; cuDNN's channels-last 3D convolution adds a bias in a separate, slow pass)."""
+    return F.conv3d(x, conv.weight, conv.bias if bias else None, conv.stride, conv.padding)
 
 
 def _to_images(x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +239,18 @@ def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.
     return F.silu(_rms_norm(x, gamma, scale))
 
 
-_EAGER = {"rms_norm": _rms_norm, "rms_norm_silu": _rms_norm_silu}
+def _bias_rms_norm_silu(x: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """SiLU(norm(x + bias)): the previous convolution's bias folded into the norm's kernel."""
+    return _rms_norm_silu(x + bias.view(1, -1, 1, 1, 1), gamma, scale)
+
+
+def _bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + bias + h: a residual block's last convolution bias and its residual in one pass."""
+    return x + bias.view(1, -1, 1, 1, 1) + h
+
+
+_EAGER = {"rms_norm": _rms_norm, "rms_norm_silu": _rms_norm_silu, "bias_rms_norm_silu": _bias_rms_norm_silu,
+          "bias_residual": _bias_residual}
 _ops = dict(_EAGER)
 
 
@@ -279,12 +301,13 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         r = self.residual
         h = x if self.shortcut is None else self.shortcut(x)
-        # 1. norm, SiLU, causal conv
-        x = causal_conv(r[2], r[0].silu(x), self.slot, ctx)
-        # 2. norm, SiLU, (dropout), causal conv
-        x = causal_conv(r[6], r[3].silu(x), self.slot + 1, ctx)
-        # 3. residual
-        return x.add_(h)
+        # 1. norm, SiLU, causal conv (its bias is added inside the next norm's kernel)
+        x = _conv(r[2], _with_history(r[0].silu(x), self.slot, ctx), bias=False)
+        # 2. bias, norm, SiLU, (dropout), causal conv
+        x = _ops["bias_rms_norm_silu"](x, r[2].bias, r[3].gamma, r[3].scale)
+        x = _conv(r[6], _with_history(x, self.slot + 1, ctx), bias=False)
+        # 3. bias and residual in one pass
+        return _ops["bias_residual"](x, r[6].bias, h)
 
 
 class AttentionBlock(nn.Module):
