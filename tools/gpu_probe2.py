@@ -4,6 +4,8 @@ import json, math, os, sys, time
 
 import torch
 
+from sdvg_rt.bench import random_init_
+
 from sdvg_rt.floor import FloorProbe, cuda_time
 from sdvg_rt.kv_cache import KVCache
 from sdvg_rt.models import wan_dit
@@ -28,22 +30,6 @@ def graph_of(fn):
     with torch.cuda.graph(g):
         fn()
     return g
-
-
-def random_init_(model, dim, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32)
-            if name.endswith("modulation"):
-                x /= math.sqrt(dim)
-            elif name.endswith(".bias"):
-                x *= 0.02
-            elif p.dim() == 1:
-                x = 1.0 + 0.1 * x
-            else:
-                x /= math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(x)
 
 
 def dit(kind, preset, variants):

@@ -7,27 +7,12 @@ import argparse, json, math, os, sys, time
 
 import torch
 
+from sdvg_rt.bench import random_init_
+
 from sdvg_rt.floor import FloorProbe, cuda_time  # noqa: E402
 from sdvg_rt.kv_cache import KVCache  # noqa: E402
 from sdvg_rt.models.attention import set_attention_backend  # noqa: E402
 from sdvg_rt.models.wan_dit import WanDiT, WanDiTConfig  # noqa: E402
-
-
-def random_init_(model, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dim = model.cfg.dim
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32)
-            if name.endswith("modulation"):
-                x /= math.sqrt(dim)
-            elif name.endswith(".bias"):
-                x *= 0.02
-            elif p.dim() == 1:
-                x = 1.0 + 0.1 * x
-            else:
-                x /= math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(x)
 
 
 def build(preset):
@@ -36,7 +21,7 @@ def build(preset):
         m = WanDiT(cfg)
     m = m.to_empty(device="cuda").to(torch.bfloat16)
     m.rope.build("cuda")
-    random_init_(m)
+    random_init_(m, cfg.dim)
     return m.eval()
 
 

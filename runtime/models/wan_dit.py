@@ -227,8 +227,9 @@ def compile_elementwise(enabled: bool = True) -> None:
 # --------------------------------------------------------------------------------------------------
 # Attentions
 
-class WanSelfAttention(nn.Module):
-    """q, k, v, o and the q/k RMSNorms (over the full dim, before the head split)."""
+class _WanAttentionParams(nn.Module):
+    """The parameters both attentions share (official names): q, k, v, o and the q/k RMSNorms (over the
+    full dim, before the head split)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -239,6 +240,10 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+
+
+class WanSelfAttention(_WanAttentionParams):
+    """Self-attention over the block's tokens and the KV cache."""
 
     def fuse_qkv(self) -> None:
         """Make q/k/v weights and biases views into one [3*dim, dim] / [3*dim] tensor (no extra memory),
@@ -278,18 +283,8 @@ class WanSelfAttention(nn.Module):
         return self.o(attention(q, k, v, mask).reshape(n, -1))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttentionParams):
     """Text cross-attention; K (after norm_k) and V of the text come precomputed in ``ctx_kv``."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
 
     def context_kv(self, context: torch.Tensor, out: torch.Tensor) -> None:
         """context [T, dim] (after the text MLP) -> out [2, T, H, D]."""
