@@ -184,7 +184,6 @@ class TorchDecoder:
         if self.graphs.enabled:
             cfg, z = dec.config, stream.committed.slots[0]  # slot 0 is [1, z_dim, 2, h, w]
             _, c, _, h, w = z.shape
-            self._fpb = None  # latents per block: set on the first decode (static afterwards)
             self._shape = (c, h, w, cfg, z.dtype, dev)
 
     def reset(self) -> None:
