@@ -23,6 +23,7 @@ from .errors import (  # noqa: F401
     EngineMismatchError,
     NumericalError,
     OutOfMemoryError,
+    OutputError,
     ProfileError,
     PromptFileError,
     SdvgError,
@@ -44,7 +45,7 @@ __all__ = sorted(
     list(_LAZY)
     + [
         "BackendUnavailableError", "BusyError", "CheckpointError", "EngineMismatchError", "NumericalError",
-        "OutOfMemoryError", "ProfileError", "PromptFileError", "SdvgError", "__version__",
+        "OutOfMemoryError", "OutputError", "ProfileError", "PromptFileError", "SdvgError", "__version__",
     ]
 )
 

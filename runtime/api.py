@@ -72,9 +72,18 @@ def check_backend(component: str, name: str) -> None:
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BackendUnavailableError(f"device {device!r} is not a torch device name (e.g. cpu, cuda, cuda:1): {e}") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"device {device!r}: sdvg-rt runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailableError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                      f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -254,11 +263,14 @@ class Runtime:
             raise OutOfMemoryError(_oom_message(self.profile, self.device, "allocating caches and buffers")) from e
         self.timings["allocate_s"] = time.perf_counter() - t0
 
-    def warmup(self, blocks: int = 2) -> float:
-        """Run every component once before serving, timed on its own: ``blocks`` blocks on an empty prompt
-        with tau = +inf (target, draft, scratch decode, score, reject) and then -inf (accept, keep_scratch).
-        Noise is keyed by (seed, block, step), so warm-up cannot shift later outputs."""
+    def warmup(self, blocks: int | None = None) -> float:
+        """Run every component once before serving, timed on its own: ``blocks`` blocks (default: the whole
+        video, so every block index's CUDA graphs are captured here rather than inside a real generation)
+        on an empty prompt with tau = +inf (target, draft, scratch decode, score, reject; the VAE's two
+        states alternate) and then -inf (accept, keep_scratch). Noise is keyed by (seed, block, step), so
+        warm-up cannot shift later outputs."""
         self.allocate()
+        blocks = self.profile.video.num_blocks if blocks is None else blocks
         cfg = _dit_config(self.profile, self._models, "drafter")
         empty = PreparedPrompt("", torch.zeros(1, cfg.text_len, cfg.text_dim))
         t0 = time.perf_counter()
@@ -274,34 +286,46 @@ class Runtime:
         """Yield each committed block (``BlockOutput(block, frames uint8 [f, H, W, 3], record)``) as soon as
         its frames are on the host. The generation starts at the first ``next()``; ``BusyError`` there if
         another generation of this Runtime is running. The generator returns the stats dict."""
-        if not self._lock.acquire(blocking=False):
-            raise BusyError("this Runtime is already generating (one generation at a time); wait for it to "
-                            "finish, or create another Runtime")
+        self._acquire()
         try:
-            self.allocate()
-            s = self.profile.sampling
-            seed = s.seed if seed is None else seed
-            tau = check_tau(s.tau if tau is None else tau)
-            mode = check_mode(s.mode if mode is None else mode)
-            p = self._prepared(prompt)
-            records = []
-            gen = self.loop.run(p, mode=mode, tau=tau, seed=seed, max_blocks=max_blocks)
-            try:
-                for out in gen:
-                    records.append(out.record)
-                    yield out
-            except torch.OutOfMemoryError as e:
-                raise OutOfMemoryError(_oom_message(self.profile, self.device, "generating (activations)")) from e
-            self.last_stats = self._stats(p, seed, tau, mode, records, self.loop.summary)
-            return self.last_stats
+            return (yield from self._generate_blocks(prompt, seed, tau, mode, max_blocks))
         finally:
             self._lock.release()
 
+    def _acquire(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("this Runtime is already generating (one generation at a time); wait for it to "
+                            "finish, or create another Runtime")
+
+    def _generate_blocks(self, prompt, seed, tau, mode, max_blocks) -> Iterator[BlockOutput]:
+        """The generation itself; the caller holds the lock."""
+        self.allocate()
+        s = self.profile.sampling
+        seed = s.seed if seed is None else seed
+        tau = check_tau(s.tau if tau is None else tau)
+        mode = check_mode(s.mode if mode is None else mode)
+        p = self._prepared(prompt)
+        records = []
+        gen = self.loop.run(p, mode=mode, tau=tau, seed=seed, max_blocks=max_blocks)
+        try:
+            for out in gen:
+                records.append(out.record)
+                yield out
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryError(_oom_message(self.profile, self.device, "generating (activations)")) from e
+        self.last_stats = self._stats(p, seed, tau, mode, records, self.loop.summary)
+        return self.last_stats
+
     def generate(self, prompt: str | PreparedPrompt, seed: int | None = None, tau: float | None = None,
                  mode: str | None = None) -> Result:
-        """Generate one whole video; see ``stream`` for the arguments (defaults from the profile)."""
-        frames = [b.frames for b in self.stream(prompt, seed, tau, mode)]
-        return Result(np.concatenate(frames), self.last_stats, self.loop.committed_latents().cpu())
+        """Generate one whole video; see ``stream`` for the arguments (defaults from the profile). The
+        result (frames, stats, committed latents) is taken while this generation still holds the Runtime."""
+        self._acquire()
+        try:
+            frames = [b.frames for b in self._generate_blocks(prompt, seed, tau, mode, None)]
+            return Result(np.concatenate(frames), self.last_stats, self.loop.committed_latents().cpu())
+        finally:
+            self._lock.release()
 
     def _stats(self, p: PreparedPrompt, seed, tau, mode, records, summary) -> dict:
         prof, v = self.profile, self.profile.video

@@ -220,19 +220,23 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     comps = [loop.drafter, loop.target, loop.decoder, loop.scorer]
     loop.accept_pattern = [True, False, True, True]
     outs = []
-    for enabled in (True, False):
+    # graphs on twice (the first pass captures: a key's first call runs eagerly; the second replays every
+    # graph the prefix uses), then graphs off; the replay pass is compared with the eager one
+    for enabled in (True, True, False):
         for c in comps:
             if hasattr(c, "graphs"):
                 c.graphs.enabled = enabled and device.type == "cuda"
         frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=3, max_blocks=blocks)]
         outs.append((loop.committed_latents()[:, :, : blocks * rt.profile.video.frames_per_block].float().cpu(),
                      frames, [b["decision"] for b in rt.last_stats["blocks"]]))
+    replays = sum(len(c.graphs.graphs) for c in comps if hasattr(c, "graphs"))
+    outs = outs[1:]
     for c in comps:
         if hasattr(c, "graphs"):
             c.graphs.enabled = device.type == "cuda" and rt.profile.performance.cuda_graphs
     loop.accept_pattern = None
     (lg, fg, dg), (le, fe, de) = outs
-    res = {"blocks": blocks, "decisions": dg, "latents_equal": bool(torch.equal(lg, le)),
+    res = {"blocks": blocks, "decisions": dg, "graphs_replayed": replays, "latents_equal": bool(torch.equal(lg, le)),
            "latents_max_abs_diff": float((lg - le).abs().max()),
            "frames_equal": all(a.shape == b.shape and (a == b).all() for a, b in zip(fg, fe)) and dg == de}
     # the CUDA-only FFN path (GELU in the cuBLASLt epilogue) vs the plain modules, fp32 reference
@@ -245,7 +249,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     fused, plain = _ffn(ffn, x).float(), ffn(x).float()
     res["ffn_fused_rel_err"] = float((fused - ref).norm() / ref.norm())
     res["ffn_plain_rel_err"] = float((plain - ref).norm() / ref.norm())
-    log(f"  self-check (graphs vs eager, {blocks} blocks, {dg}): latents equal {res['latents_equal']} "
+    log(f"  self-check (graph replay vs eager, {blocks} blocks, {dg}, {replays} graphs): latents equal {res['latents_equal']} "
         f"(max |diff| {res['latents_max_abs_diff']:.3g}), frames equal {res['frames_equal']}")
     return res
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ProfileError, PromptFileError, SdvgError
+from .errors import OutputError, ProfileError, PromptFileError, SdvgError
 
 BANNER = """\
 ============================================================================================
@@ -95,7 +95,11 @@ def cmd_run(args) -> int:
     overrides = {"tau": args.tau, "mode": args.mode, "seed": args.seed}
     prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot use {out} as the output folder ({e.strerror}); give --out a writable folder") \
+            from None
 
     # 1. which prompts still need a video (resume: an mp4 + json pair means done)
     n = len(prompts)

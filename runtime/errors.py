@@ -78,3 +78,9 @@ class BusyError(SdvgError):
     """A Runtime runs one generation at a time; another one is in progress."""
 
     exit_code = 7
+
+
+class OutputError(SdvgError):
+    """The output folder or a file in it cannot be written."""
+
+    exit_code = 8

@@ -178,7 +178,7 @@ class SpeculativeLoop:
                 rec.scores = [float(x) for x in st[3:3 + nf].tolist()]
                 bad = [x for x in rec.scores if not math.isfinite(x)]
                 nan = any(math.isnan(x) for x in bad)
-                rec.min_score = (math.nan if nan else max(bad)) if bad else min(rec.scores)
+                rec.min_score = (math.nan if nan else min(bad)) if bad else min(rec.scores)
             d = decide(mode, b, rec.min_score, tau, finite=bool(st[2] > 0) if drafts(mode, b) else True)
             if self.accept_pattern is not None and mode == "sdvg" and d.kind != FORCED:
                 # benchmark only: a fixed acceptance pattern replaces the score test (scores still computed)

@@ -21,6 +21,8 @@ from .errors import ProfileError
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("torch", "tensorrt")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
 COMPONENTS = ("drafter", "target", "vae", "scorer")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # editable install: the checkout
 PROFILES_DIR = REPO_ROOT / "profiles"
@@ -317,6 +319,16 @@ def validate(p: Profile) -> None:
         bad("output.fps", f"must be positive, got {o.fps}")
     if not 0 <= o.crf <= 51:
         bad("output.crf", f"must be in 0..51 (libx264), got {o.crf}")
+    if o.preset not in X264_PRESETS:
+        bad("output.preset", f"must be a libx264 preset ({', '.join(X264_PRESETS)}), got {o.preset!r}")
+    from .models.imagereward import PRESETS as IR_PRESETS
+    from .models.wan_dit import PRESETS as DIT_PRESETS
+    from .models.wan_vae import VAE_PRESETS
+
+    for k, known in (("drafter", DIT_PRESETS), ("target", DIT_PRESETS), ("vae", VAE_PRESETS),
+                     ("scorer", IR_PRESETS)):
+        if getattr(p.models, k) not in known:
+            bad(f"models.{k}", f"must be one of the presets {', '.join(sorted(known))}, got {getattr(p.models, k)!r}")
 
 
 def _apply_overrides(profile: Profile, overrides: dict) -> Profile:

@@ -104,6 +104,8 @@ class VideoWriter:
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
+        with open(self.tmp, "rb+") as f:  # durable before the rename: the JSON record written after it marks
+            os.fsync(f.fileno())           # the prompt done, and a resume trusts that marker
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -184,3 +184,28 @@ def test_info(tmp_path, tiny_dir, capsys, monkeypatch):
     nock.write_text(prof.read_text().replace(f"root: {tiny_dir}", f"root: {tmp_path / 'nothing'}"))
     assert main(["info", "--profile", str(nock)]) == 0
     assert "MISSING" in capsys.readouterr().out
+
+
+def test_bad_device_and_unwritable_out_are_typed_errors(tmp_path):
+    """--device with a non-device name, and --out naming an existing file: one-line errors, not tracebacks."""
+    from sdvg_rt.api import resolve_device
+    from sdvg_rt.errors import BackendUnavailableError, OutputError
+    from sdvg_rt.cli import main
+
+    with pytest.raises(BackendUnavailableError, match="not a torch device name"):
+        resolve_device("foo")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n", encoding="utf-8")
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    assert main(["run", str(prompts), "--out", str(blocker)]) == OutputError.exit_code
+
+
+def test_profile_rejects_unknown_model_preset_and_x264_preset(tmp_path):
+    from sdvg_rt.errors import ProfileError
+    from sdvg_rt.profiles import demo_profile
+
+    with pytest.raises(ProfileError, match="models.drafter"):
+        demo_profile(models__drafter="wan2.1-7b")
+    with pytest.raises(ProfileError, match="output.preset"):
+        demo_profile(preset="turbo")

@@ -248,3 +248,22 @@ def test_fused_multi_block_commit_matches_per_block_commits(rt, runs):
     # order) and attention kernel; fp32 agreement to 1e-5 relative to the values' scale
     scale = kvs[0].abs().max()
     assert (kvs[0] - kvs[1]).abs().max() <= 1e-5 * scale
+
+
+def test_lazy_equals_eager_through_the_ring_with_several_pending_blocks(tmp_path_factory):
+    """7 blocks through a 3-frame window with a 1-frame sink (the ring wraps), several accepted blocks
+    pending when a reject needs the target: lazy and eager commits give the same video and caches."""
+    r = Runtime.from_profile(demo_profile(tiny_set(tmp_path_factory), width=32, height=32, latent_frames=7,
+                                          frames_per_block=1, window_frames=3, sink_frames=1), "cpu")
+    r.prompts = r.encode_prompts(["a red fox running through fresh snow"])
+    r.release_text_encoder()
+    r.allocate()
+    A, R = ACCEPTED, REJECTED
+    pat = [None, A, A, A, R, A, R]
+    lazy, eager = run(r, pattern=pat), run(r, pattern=pat, lazy=False)
+    assert decisions(lazy) == decisions(eager) == ["forced"] + [p for p in pat[1:]]
+    assert same_video(lazy, eager)
+    for kind in ("drafter", "target"):
+        assert torch.equal(lazy["kv"][kind], eager["kv"][kind]), kind
+    commits = [b["target_commits"] for b in lazy["res"].stats["blocks"]]
+    assert commits[4] == [1, 2, 3, 4]  # three pending accepts, then the rejected block's own commit
