@@ -236,3 +236,20 @@ def test_shard_missing_an_indexed_key(tmp_path):
     with pytest.raises(CheckpointError, match="lacks a tensor that the index assigns") as e:
         load_dit(p)
     assert key in str(e.value) and other in str(e.value)
+
+
+def test_self_forcing_keys_with_training_wrapper_segments(tmp_path):
+    """EMA dicts saved from an FSDP-wrapped generator carry '_fsdp_wrapped_module.' inside the key (SF's
+    inference.py strips it); activation-checkpoint and torch.compile wrappers leave similar segments."""
+    ref = synthetic_dit_state_dict("tiny", seed=5)
+
+    def wrapped(k):
+        if k.startswith("blocks."):
+            i, rest = k.split(".", 2)[1:]
+            return f"model.blocks.{i}._fsdp_wrapped_module._checkpoint_wrapped_module.{rest}"
+        return "model._orig_mod." + k
+
+    torch.save({"generator_ema": {wrapped(k): v for k, v in ref.items()}}, tmp_path / "self_forcing_dmd.pt")
+    cfg, got = load_dit_state_dict(tmp_path / "self_forcing_dmd.pt")
+    assert cfg.name == "tiny"
+    _assert_same(got, ref)

@@ -267,8 +267,16 @@ def _open_safetensors(src: _Source, p: Path, key_map: Callable[[str], str], devi
         src.add(key_map(k), k, shapes[k], f.get_tensor, p)
 
 
+# Wrapper segments that training code leaves in key names: FSDP and activation-checkpoint wrappers
+# (Self-Forcing's own inference.py strips '_fsdp_wrapped_module.' from the EMA keys) and torch.compile.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
 def _strip_model(k: str) -> str:
-    return k.removeprefix("model.")
+    k = k.removeprefix("model.")
+    for seg in _WRAPPER_SEGMENTS:
+        k = k.replace(seg, "")
+    return k
 
 
 def _pick_generator(obj: dict, use_ema: bool, p: Path) -> dict:

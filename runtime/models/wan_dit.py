@@ -209,8 +209,8 @@ def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Linear, GELU(tanh), Linear. On CUDA the GELU runs in the first GEMM's cuBLASLt epilogue (bias +
     tanh-GELU applied to the fp32 accumulator before rounding), which saves a pass over the 4x-wide
     activation; elsewhere the plain modules."""
-    if not x.is_cuda:
-        return ffn(x)
+    if not x.is_cuda or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return ffn(x)  # (export: ONNX has no conversion for the fused op; the plain modules export)
     x2 = x.reshape(-1, x.shape[-1])
     h = torch._addmm_activation(ffn[0].bias, x2, ffn[0].weight.t(), use_gelu=True)
     return ffn[2](h).view(*x.shape[:-1], -1)
@@ -220,6 +220,9 @@ _ops = dict(_EAGER)
 def compile_elementwise(enabled: bool = True) -> None:
     """Fuse each elementwise group into one kernel with ``torch.compile`` (GPU fast path), or go back
     to eager. Shapes are static per model, so each group compiles once per model size."""
+    # Each model size adds a few shapes per group (block tokens, text rows); fused multi-block commits add
+    # one per span length. Past dynamo's default of 8 a fullgraph function raises instead of recompiling.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for name, fn in _EAGER.items():
         _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
 
