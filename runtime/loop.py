@@ -15,10 +15,9 @@
 
 Syncs: exactly one per block, at its decision point (after scoring in sdvg blocks, before denoising
 otherwise), plus one at the end. Each sync also completes everything the previous block enqueued, so
-block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are taken
+block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are emitted
 there, and its committed latents and frames are checked for NaN/inf (``NumericalError`` naming the
-block); the block is handed to the caller once block b's work is enqueued, so whatever the caller does
-with it (writing the mp4) overlaps the GPU's work. Commits of the last block are never run (nothing reads them); with lazy commits, accepted
+block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted
 blocks reach the target's cache only when the target is next needed, and those still pending at the
 end are skipped.
 
@@ -168,12 +167,11 @@ class SpeculativeLoop:
                     with self.timer.span("score", b):
                         s = self.scorer.score(frames_d)
                     self.status[3:3 + s.shape[0]].copy_(s)
-            # 2. the block's one sync: completes block b-1 (checked and copied out here, handed to the caller
-            #    once block b's work is enqueued, so the caller's time overlaps the GPU's) and reads b's
-            #    decision inputs
+            # 2. the block's one sync: completes block b-1 (emit it) and reads b's decision inputs
             self._sync_status()
-            ready = self._emit(pending, records) if pending is not None else None
-            pending = None
+            if pending is not None:
+                yield self._emit(pending, records)
+                pending = None
             st = self.status_host
             nf = frames_d.shape[2] if frames_d is not None else 0
             if frames_d is not None:  # worst-frame aggregation; any NaN/inf frame makes the block's score non-finite
@@ -222,8 +220,6 @@ class SpeculativeLoop:
             self.frames_dev[:nf].copy_(frames_to_uint8(frames[0].permute(1, 2, 3, 0)))
             self.frames_host[:nf].copy_(self.frames_dev[:nf], non_blocking=True)
             pending = rec
-            if ready is not None:
-                yield ready
         # 5. the final sync: emit the last block, summarise
         self._sync_status()
         if pending is not None:
