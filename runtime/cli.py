@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
 
     from .api import Runtime
     from .profiles import load_profile
-    from .video import VideoWriter, atomic_write_bytes, atomic_write_json
+    from .video import BackgroundVideoWriter, atomic_write_bytes, atomic_write_json
 
     prompts, blank = read_prompts(args.prompts)
     if blank:
@@ -135,8 +135,8 @@ def cmd_run(args) -> int:
             marks, acc, judged = [], 0, 0
             with tqdm(total=v.num_blocks, desc=desc, unit="block", file=sys.stderr, leave=True,
                       disable=args.quiet) as bar, \
-                    VideoWriter(out / f"{stem}.mp4", v.width, v.height, prof.output.fps, prof.output.crf,
-                                prof.output.preset) as writer:
+                    BackgroundVideoWriter(out / f"{stem}.mp4", v.width, v.height, prof.output.fps,
+                                          prof.output.crf, prof.output.preset) as writer:  # encodes off-loop
                 for blk in rt.stream(prompt):
                     writer.write(blk.frames)
                     d = blk.record.decision

@@ -127,6 +127,70 @@ class VideoWriter:
             self.abort()
 
 
+class BackgroundVideoWriter:
+    """A ``VideoWriter`` fed from another thread: ``write`` queues the block and returns at once, so the
+    generation loop goes back to the GPU while libx264 (which releases the GIL) encodes. At most
+    ``depth`` blocks wait; ``close`` drains the queue, finishes the file and re-raises any encoding error.
+    """
+
+    _STOP = object()
+
+    def __init__(self, *args, depth: int = 4, **kwargs):
+        import queue
+        import threading
+
+        self._writer = VideoWriter(*args, **kwargs)
+        self.path = self._writer.path
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sdvg-video-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is None:
+                try:
+                    self._writer.write(item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller in close()
+                    self._error = e
+
+    @property
+    def frames(self) -> int:
+        return self._writer.frames
+
+    def write(self, frames: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(frames)
+
+    def _join(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join()
+
+    def close(self) -> Path:
+        self._join()
+        if self._error is not None:
+            self._writer.abort()
+            raise self._error
+        return self._writer.close()
+
+    def abort(self) -> None:
+        self._join()
+        self._writer.abort()
+
+    def __enter__(self) -> BackgroundVideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, crf: int = 18,
                 preset: str = "medium") -> Path:
     """Write a whole uint8 [F, H, W, 3] video atomically."""

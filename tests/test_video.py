@@ -63,3 +63,23 @@ def test_writer_rejects_wrong_frames(tmp_path):
             w.write(np.zeros((2, 32, 48, 3), np.float32))
         w.write(_frames(2))
     assert read_video(tmp_path / "v.mp4").shape == (2, 32, 48, 3)
+
+
+def test_background_writer_equals_the_plain_writer_and_surfaces_errors(tmp_path):
+    from sdvg_rt.video import BackgroundVideoWriter, VideoWriter, read_video
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 256, (n, 32, 48, 3), dtype=np.uint8) for n in (9, 12, 12)]
+    with VideoWriter(tmp_path / "a.mp4", 48, 32) as w:
+        for b in blocks:
+            w.write(b)
+    with BackgroundVideoWriter(tmp_path / "b.mp4", 48, 32, depth=1) as w:
+        for b in blocks:
+            w.write(b)
+    assert w.frames == 33
+    assert np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4"))
+    bad = BackgroundVideoWriter(tmp_path / "c.mp4", 48, 32)
+    bad.write(np.zeros((2, 16, 16, 3), np.uint8))  # wrong size: fails on the writer thread
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        bad.close()
+    assert not (tmp_path / "c.mp4").exists() and not list(tmp_path.glob("c.mp4*"))
