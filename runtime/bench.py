@@ -43,6 +43,20 @@ def accept_pattern(rate: float, blocks: int) -> list[bool]:
     return pat
 
 
+def pattern_decisions(pattern: list[bool]):
+    """A ``SpeculativeLoop.decide_block`` for benchmarks: in sdvg mode, blocks after 0 are accepted or
+    rejected by ``pattern`` instead of the tau test (their scores are still computed and recorded)."""
+    from .decide import ACCEPTED, FORCED, REJECTED, Decision, decide
+
+    def decide_block(mode, block, score, tau, finite=True):
+        d = decide(mode, block, score, tau, finite)
+        if mode != "sdvg" or d.kind == FORCED:
+            return d
+        return Decision(ACCEPTED if pattern[block % len(pattern)] else REJECTED, "benchmark acceptance pattern")
+
+    return decide_block
+
+
 def random_init_(model: torch.nn.Module, dim: int, seed: int = 0) -> None:
     """The synthetic init of ``checkpoints.wan_dit`` (weights N(0, 1/fan_in), biases N(0, 0.02^2), norm
     weights 1 + N(0, 0.1^2), modulation N(0, 1/dim)), drawn on the model's device."""
@@ -175,7 +189,8 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
     rows = []
     for mode, rate in runs:
         rt.allocate()
-        rt.loop.accept_pattern = accept_pattern(rate, nb) if mode == "sdvg" else None
+        if mode == "sdvg":
+            rt.loop.decide_block = pattern_decisions(accept_pattern(rate, nb))
         for attempt in range(2):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -199,7 +214,7 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
         rows.append(row)
         log(f"  {mode}{'' if rate is None else f' @{rate:.0%}'}: {row['fps']:.2f} fps, first block "
             f"{first:.2f} s, decisions {row['decisions']}, loop overhead {row['loop_overhead']:.1%}")
-        rt.loop.accept_pattern = None
+        rt.loop.__dict__.pop("decide_block", None)  # back to the loop's own decisions
     base = next((r for r in rows if r["mode"] == "target"), None)
     for r in rows:
         r["speedup_vs_target"] = base["wall_s"] / r["wall_s"] if base else None
@@ -218,7 +233,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     rt.allocate()
     loop = rt.loop
     comps = [loop.drafter, loop.target, loop.decoder, loop.scorer]
-    loop.accept_pattern = [True, False, True, True]
+    loop.decide_block = pattern_decisions([True, False, True, True])
     outs = []
     # graphs on twice (the first pass captures: a key's first call runs eagerly; the second replays every
     # graph the prefix uses), then graphs off; the replay pass is compared with the eager one
@@ -234,7 +249,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     for c in comps:
         if hasattr(c, "graphs"):
             c.graphs.enabled = device.type == "cuda" and rt.profile.performance.cuda_graphs
-    loop.accept_pattern = None
+    del loop.decide_block
     (lg, fg, dg), (le, fe, de) = outs
     res = {"blocks": blocks, "decisions": dg, "graphs_replayed": replays, "latents_equal": bool(torch.equal(lg, le)),
            "latents_max_abs_diff": float((lg - le).abs().max()),

@@ -35,9 +35,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .decide import ACCEPTED, FORCED, REJECTED, CommitQueue, Decision, check_mode, check_tau, decide, drafts, scores
+from .decide import ACCEPTED, CommitQueue, check_mode, check_tau, decide, drafts, scores
 from .errors import NumericalError
-from .models.imagereward import frames_to_uint8
+from .models.imagereward import quantise_frames
 from .stats import BlockRecord, Timer, summarize
 
 
@@ -87,6 +87,13 @@ class BlockOutput:
     record: BlockRecord
 
 
+def _finite_sum(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Sum of ``x`` in fp32 into the 0-dim ``out`` (a status slot): non-finite iff ``x`` holds NaN or inf (or
+    values so large that they overflow fp32 summed, which a working model never produces). One reduction,
+    no temporary the size of ``x``; read on the host after the block's sync."""
+    torch.sum(x, dim=tuple(range(x.dim())), dtype=torch.float32, out=out)
+
+
 class SpeculativeLoop:
     """Runs one video at a time over the four components and the loop's own preallocated buffers."""
 
@@ -104,14 +111,20 @@ class SpeculativeLoop:
         # committed latents of the video, one contiguous [1, C, F, h, w] per block
         self.latents = torch.zeros(num_blocks, 1, latent_channels, frames_per_block, h, w, dtype=dtype,
                                    device=device)
-        # status read at each sync: [committed latents finite, committed frames finite, draft finite, scores...]
+        # read at each sync: fp32 sums of [committed latents, committed frames, draft] (each finite iff its
+        # tensor is), then the draft's per-frame scores
         self.status = torch.zeros(3 + self.max_frames, dtype=torch.float32, device=device)
         self.status_host = torch.zeros(3 + self.max_frames, dtype=torch.float32, pin_memory=cuda)
         self.frames_dev = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, device=device)
         self.frames_host = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
         self.timer = Timer(self.device)
-        # Benchmark only (tools/bench.py): per-block accept flags that override the tau test in sdvg mode.
-        self.accept_pattern: list[bool] | None = None
+        # uint8 quantisation of a block's frames computes here (float32 [frames, H, W, 3]), not in temporaries
+        self.frames_levels = torch.zeros(self.max_frames, H, W, 3, dtype=torch.float32, device=device)
+
+    def decide_block(self, mode: str, block: int, score, tau: float, finite: bool):
+        """The decision for one block (``decide.decide``). An instance may replace it, e.g. the benchmark's
+        fixed acceptance patterns (``bench.pattern_decisions``)."""
+        return decide(mode, block, score, tau, finite)
 
     # ---- per prompt ------------------------------------------------------------------------------
     def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
@@ -160,7 +173,7 @@ class SpeculativeLoop:
             if drafts(mode, b):
                 with self.timer.span("draft_denoise", b):
                     xd = self.drafter.denoise_block(b)
-                self.status[2].copy_(torch.isfinite(xd).all())
+                _finite_sum(xd, out=self.status[2])
                 if scores(mode, b):
                     with self.timer.span("vae_decode_scratch", b):
                         frames_d = self.decoder.decode_scratch(xd, b)
@@ -179,11 +192,8 @@ class SpeculativeLoop:
                 bad = [x for x in rec.scores if not math.isfinite(x)]
                 nan = any(math.isnan(x) for x in bad)
                 rec.min_score = (math.nan if nan else min(bad)) if bad else min(rec.scores)
-            d = decide(mode, b, rec.min_score, tau, finite=bool(st[2] > 0) if drafts(mode, b) else True)
-            if self.accept_pattern is not None and mode == "sdvg" and d.kind != FORCED:
-                # benchmark only: a fixed acceptance pattern replaces the score test (scores still computed)
-                ok = self.accept_pattern[b % len(self.accept_pattern)]
-                d = Decision(ACCEPTED if ok else REJECTED, "benchmark acceptance pattern")
+            d = self.decide_block(mode, b, rec.min_score, tau,
+                                  finite=math.isfinite(float(st[2])) if drafts(mode, b) else True)
             rec.decision, rec.reason = d.kind, d.reason
             # 3. execute the decision
             if d.kind == ACCEPTED:
@@ -215,9 +225,9 @@ class SpeculativeLoop:
             # 4. committed frames -> uint8 on the device -> host (async); checked at the next sync
             nf = frames.shape[2]
             rec.frames = nf
-            self.status[0].copy_(torch.isfinite(self.latents[b]).all())
-            self.status[1].copy_(torch.isfinite(frames).all())
-            self.frames_dev[:nf].copy_(frames_to_uint8(frames[0].permute(1, 2, 3, 0)))
+            _finite_sum(self.latents[b], out=self.status[0])
+            _finite_sum(frames, out=self.status[1])
+            self.frames_dev[:nf].copy_(quantise_frames(frames[0].permute(1, 2, 3, 0), out=self.frames_levels[:nf]))
             self.frames_host[:nf].copy_(self.frames_dev[:nf], non_blocking=True)
             pending = rec
         # 5. the final sync: emit the last block, summarise
@@ -244,11 +254,11 @@ class SpeculativeLoop:
     def _emit(self, rec: BlockRecord, records: list[BlockRecord]) -> BlockOutput:
         """After a sync: check block ``rec.block``'s committed latents/frames, collect its times, hand it out."""
         st = self.status_host
-        if not st[0] > 0:
+        if not math.isfinite(float(st[0])):
             raise NumericalError(
                 f"block {rec.block}: the committed latents ({rec.decision}) contain NaN or inf. The model "
                 "diverged; check the checkpoints and the precision (fp16 overflows more easily than bf16)")
-        if not st[1] > 0:
+        if not math.isfinite(float(st[1])):
             raise NumericalError(
                 f"block {rec.block}: the decoded frames contain NaN or inf although the latents are finite; "
                 "check the VAE checkpoint and precision")

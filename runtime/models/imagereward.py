@@ -94,15 +94,17 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def quantise_frames(frames: torch.Tensor) -> torch.Tensor:
+def quantise_frames(frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Frames in [-1, 1] -> float32 uint8 levels: ``clamp(round((x + 1) * 127.5), 0, 255)``.
 
     This is THE quantisation rule of sdvg-rt: a saved video frame has exactly these levels
     (``frames_to_uint8`` is the same rule cast to uint8 for the mp4 writer). ``round`` is
     round-half-to-even (torch.round). NaN stays NaN (so a broken frame gives a NaN reward, which the
-    loop counts as a reject) instead of silently becoming a valid level.
+    loop counts as a reject) instead of silently becoming a valid level. ``out``: a preallocated float32
+    buffer of the frames' shape to compute in (no temporaries); the same arithmetic either way.
     """
-    return frames.float().add(1.0).mul_(127.5).round_().clamp_(0.0, 255.0)
+    x = frames.float().add(1.0) if out is None else out.copy_(frames).add_(1.0)
+    return x.mul_(127.5).round_().clamp_(0.0, 255.0)
 
 
 def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
