@@ -64,7 +64,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
-class VideoWriter:
+class _Finishing:
+    """Context manager: ``close()`` on success, ``abort()`` (discard the temporary file) on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(_Finishing):
     """H.264 (libx264, yuv420p) mp4 writer fed with uint8 [F, H, W, 3] frames, block by block.
 
     Writes to a temporary file; ``close()`` finishes the stream and renames it over ``path``.
@@ -117,17 +130,8 @@ class VideoWriter:
         if self.tmp.exists():
             self.tmp.unlink()
 
-    def __enter__(self) -> VideoWriter:
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class BackgroundVideoWriter:
+class BackgroundVideoWriter(_Finishing):
     """A ``VideoWriter`` fed from another thread: ``write`` queues the block and returns at once, so the
     generation loop goes back to the GPU while libx264 (which releases the GIL) encodes. At most
     ``depth`` blocks wait; ``close`` drains the queue, finishes the file and re-raises any encoding error.
@@ -180,15 +184,6 @@ class BackgroundVideoWriter:
     def abort(self) -> None:
         self._join()
         self._writer.abort()
-
-    def __enter__(self) -> BackgroundVideoWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, crf: int = 18,
