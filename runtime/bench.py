@@ -76,14 +76,37 @@ def random_init_(model: torch.nn.Module, dim: int, seed: int = 0) -> None:
             p.copy_(x)
 
 
+def random_dit(preset: str, device, dtype: torch.dtype, seed: int = 0):
+    """A full-size (or any preset) WanDiT built on the meta device and filled with ``random_init_`` on
+    ``device``: no host copy of the weights, so a 14B model is ready in seconds."""
+    from .models.wan_dit import WanDiT, WanDiTConfig
+
+    cfg = WanDiTConfig.from_name(preset)
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    m = m.to_empty(device=device).to(dtype)
+    m.rope.build(device)
+    random_init_(m, cfg.dim, seed=seed)
+    return m.eval()
+
+
+def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
+    """The VAE decoder with the synthetic init of ``checkpoints.wan_vae`` (channels-last on CUDA)."""
+    from .checkpoints.wan_vae import synthetic_vae_state_dict
+    from .models.wan_vae import WanVAEConfig, WanVAEDecoder
+
+    cfg = WanVAEConfig.from_name(preset)
+    vae = WanVAEDecoder(cfg)
+    vae.load_state_dict(synthetic_vae_state_dict(cfg, seed, decoder_only=True), strict=True)
+    vae = vae.to(device, dtype).eval()
+    return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
+
+
 def build_runtime(size: str, device: torch.device, log=print):
     """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder)."""
     from .api import Runtime, apply_performance
     from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
-    from .checkpoints.wan_vae import synthetic_vae_state_dict
     from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
-    from .models.wan_dit import WanDiT, WanDiTConfig
-    from .models.wan_vae import WanVAEConfig, WanVAEDecoder
     from .profiles import demo_profile
 
     s = SIZES[size]
@@ -96,21 +119,9 @@ def build_runtime(size: str, device: torch.device, log=print):
     t0 = time.perf_counter()
     models = {}
     for kind in ("drafter", "target"):
-        cfg = WanDiTConfig.from_name(s[kind])
-        with torch.device("meta"):
-            m = WanDiT(cfg)
-        m = m.to_empty(device=device).to(dt)
-        m.rope.build(device)
-        random_init_(m, cfg.dim, seed=1 if kind == "drafter" else 2)
-        models[kind] = m.eval()
+        models[kind] = m = random_dit(s[kind], device, dt, seed=1 if kind == "drafter" else 2)
         log(f"  {kind} {s[kind]}: {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B parameters")
-    vcfg = WanVAEConfig.from_name(s["vae"])
-    vae = WanVAEDecoder(vcfg)
-    vae.load_state_dict(synthetic_vae_state_dict(vcfg, 0, decoder_only=True), strict=True)
-    vae = vae.to(device, dt).eval()
-    if device.type == "cuda":
-        vae.to_channels_last()
-    models["vae"] = vae
+    models["vae"] = random_vae(s["vae"], device, dt)
     icfg = ImageRewardConfig.preset(s["scorer"])
     ir = ImageReward(icfg)
     ir.load_state_dict({k: v for k, v in synthetic_state_dict(icfg, 0).items() if k in ir.state_dict()}, strict=True)

@@ -1,16 +1,14 @@
 """GPU probe 2 (development): DiT baseline vs fused QKV + compiled elementwise; VAE block decode;
 ImageReward per block. Eager and CUDA-graph replay. Prints a table; JSON to $OUT/probe2.json."""
-import json, math, os, sys, time
+import json, os, sys, time
 
 import torch
 
-from sdvg_rt.bench import random_init_
-
-from sdvg_rt.floor import FloorProbe, cuda_time
-from sdvg_rt.kv_cache import KVCache
+from gpu_common import dit_step, graph_of
+from sdvg_rt.bench import random_vae
+from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import wan_dit
 from sdvg_rt.models.attention import set_attention_backend
-from sdvg_rt.models.wan_dit import WanDiT, WanDiTConfig
 
 rows = []
 
@@ -20,33 +18,9 @@ def log(**r):
     print(json.dumps(r), flush=True)
 
 
-def graph_of(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(); fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def dit(kind, preset, variants):
-    cfg = WanDiTConfig.from_name(preset)
-    with torch.device("meta"):
-        m = WanDiT(cfg)
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
-    m.rope.build("cuda")
-    random_init_(m, cfg.dim)
-    m.eval()
-    tpf, F_ = 1560, 3
-    cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, F_, 21, 0, torch.bfloat16, "cuda")
-    cache.kv.normal_()
-    ctx_kv = m.prepare_context(torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16))
-    x = torch.randn(1, 16, F_, 60, 104, device="cuda", dtype=torch.bfloat16)
-    t = torch.full((F_,), 937.5, device="cuda")
-    probe = FloorProbe(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads, F_ * tpf)
+    m, step, probe = dit_step(preset)
+    cache = step.cache
     set_attention_backend("cudnn")
     ref = None
     for var in variants:
@@ -57,7 +31,7 @@ def dit(kind, preset, variants):
         for block in (0, 3, 6):
             slots = cache.slots(block)
             with torch.no_grad():
-                fn = lambda: m(x, t, ctx_kv, cache.kv, slots)
+                fn = lambda: step(block)
                 if var == "fused" and block == 0:
                     fn(); torch.cuda.synchronize()
                     log(model=kind, variant=var, compile_s=time.time() - t0)
@@ -76,17 +50,13 @@ def dit(kind, preset, variants):
             log(model=kind, variant=var, block=block, eager_ms=te * 1e3, graph_ms=tg * 1e3, floor_ms=fl * 1e3,
                 ratio=tg / fl)
     wan_dit.compile_elementwise(False)
-    del m, cache
+    m = step = cache = None  # free the model (the step closure holds it)
     torch.cuda.empty_cache()
 
 
 def vae():
-    from sdvg_rt.checkpoints.wan_vae import synthetic_vae_state_dict
-    from sdvg_rt.models.wan_vae import VAEStream, WanVAEConfig, WanVAEDecoder
-    cfg = WanVAEConfig.from_name("wan2.1")
-    dec = WanVAEDecoder(cfg)
-    dec.load_state_dict(synthetic_vae_state_dict(cfg, 0, decoder_only=True), strict=True)
-    dec = dec.to("cuda", torch.bfloat16).eval()
+    from sdvg_rt.models.wan_vae import VAEStream
+    dec = random_vae("wan2.1", "cpu", torch.float32).to("cuda", torch.bfloat16)  # contiguous first
     for cl in (False, True):
         if cl:
             dec.to_channels_last()
@@ -106,7 +76,7 @@ def vae():
                 tg = f"graph failed: {str(ex)[:120]}"
         log(part="vae", channels_last=cl, eager_ms=te * 1e3, graph_ms=tg, peak_GiB=peak,
             state_GiB=stream.nbytes / 2**30)
-    del dec, stream
+    dec = stream = None
     torch.cuda.empty_cache()
 
 

@@ -3,26 +3,13 @@
 Usage on the device:  python tools/gpu_probe_dit.py [--models drafter,target]
 Writes $OUT/probe_dit.json and prints a table.
 """
-import argparse, json, math, os, sys, time
+import argparse, json, os
 
 import torch
 
-from sdvg_rt.bench import random_init_
-
-from sdvg_rt.floor import FloorProbe, cuda_time  # noqa: E402
-from sdvg_rt.kv_cache import KVCache  # noqa: E402
-from sdvg_rt.models.attention import set_attention_backend  # noqa: E402
-from sdvg_rt.models.wan_dit import WanDiT, WanDiTConfig  # noqa: E402
-
-
-def build(preset):
-    cfg = WanDiTConfig.from_name(preset)
-    with torch.device("meta"):
-        m = WanDiT(cfg)
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
-    m.rope.build("cuda")
-    random_init_(m, cfg.dim)
-    return m.eval()
+from gpu_common import dit_step, graph_of
+from sdvg_rt.floor import cuda_time
+from sdvg_rt.models.attention import set_attention_backend
 
 
 def main():
@@ -33,41 +20,22 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     presets = {"drafter": "wan2.1-1.3b", "target": "wan2.1-14b"}
-    h, w, F = 60, 104, 3
-    tpf = 1560
-    n = F * tpf
     for kind in a.models.split(","):
-        m = build(presets[kind])
-        cfg = m.cfg
-        cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, F, 21, 0, torch.bfloat16, "cuda")
-        cache.kv.normal_()
-        ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-        ctx_kv = m.prepare_context(ctx)
-        x = torch.randn(1, 16, F, h, w, device="cuda", dtype=torch.bfloat16)
-        t = torch.full((F,), 937.5, device="cuda")
-        probe = FloorProbe(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads, n)
+        _, step, probe = dit_step(presets[kind])
         for be in a.backends.split(","):
             set_attention_backend(be)
             probe.backend = be
             for block in (0, 3, 6):
-                slots = cache.slots(block)
+                slots = step.cache.slots(block)
                 with torch.no_grad():
-                    fn = lambda: m(x, t, ctx_kv, cache.kv, slots)
+                    fn = lambda: step(block)
                     try:
                         te = cuda_time(fn, iters=5, warmup=2)
                     except Exception as ex:
                         res["rows"].append(dict(model=kind, backend=be, block=block, error=str(ex)[:200]))
                         print(kind, be, block, "ERROR", str(ex)[:200], flush=True)
                         continue
-                    # CUDA graph of one forward
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        fn(); fn()
-                    torch.cuda.current_stream().wait_stream(s)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        out = fn()
+                    g = graph_of(fn)  # CUDA graph of one forward
                     tg = cuda_time(g.replay, iters=5, warmup=1)
                     del g
                 floor = probe.forward(slots.read_end)
@@ -76,7 +44,7 @@ def main():
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
         res[f"{kind}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        del m, cache, ctx_kv
+        step = None  # free the model (the step closure holds it)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print("\n| model | attn | block | kv | eager ms | graph ms | floor ms | graph/floor |")

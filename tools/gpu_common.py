@@ -1,0 +1,62 @@
+"""Shared setup of the development GPU probes (tools/gpu_probe*.py): one DiT block step at 832x480 with
+full-size random weights and a filled cache, and CUDA-graph capture of a callable."""
+import torch
+
+from sdvg_rt.bench import random_dit, random_vae
+from sdvg_rt.floor import FloorProbe
+from sdvg_rt.kv_cache import KVCache
+
+TPF, FPB = 1560, 3  # tokens per latent frame, latent frames per block (832x480)
+
+
+def dit_step(preset: str, block: int = 3, t: float = 937.5):
+    """(model, step, floor_ms): ``step()`` is one cached forward of ``block`` over a random 21-frame cache;
+    ``floor_ms(read_end)`` the floor of the same shapes. ``step.slots`` is the block's cache slots."""
+    m = random_dit(preset, "cuda", torch.bfloat16)
+    c = m.cfg
+    cache = KVCache(c.num_layers, c.num_heads, c.head_dim, TPF, FPB, 21, 0, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    ctx_kv = m.prepare_context(torch.randn(1, c.text_len, c.text_dim, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, c.in_dim, FPB, 60, 104, device="cuda", dtype=torch.bfloat16)
+    tt = torch.full((FPB,), t, device="cuda")
+
+    def step(block=block):
+        return m(x, tt, ctx_kv, cache.kv, cache.slots(block))
+
+    probe = FloorProbe(c.dim, c.ffn_dim, c.num_layers, c.num_heads, FPB * TPF)
+    step.cache = cache
+    return m, step, probe
+
+
+def vae_block_decode():
+    """``decode()``: the full-size VAE (channels-last, compiled norms, cuDNN autotuning) decoding a random
+    3-latent block from a committed state, into the scratch state (what every draft costs)."""
+    from sdvg_rt.models import wan_vae
+    from sdvg_rt.models.wan_vae import VAEStream
+
+    torch.backends.cudnn.benchmark = True
+    wan_vae.compile_elementwise(True)
+    stream = VAEStream(random_vae("wan2.1", "cuda", torch.bfloat16), 60, 104, torch.bfloat16, "cuda")
+    z = torch.randn(1, 16, FPB, 60, 104, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        stream.decode_commit(z, 0)
+
+    @torch.no_grad()
+    def decode():
+        return stream.decode_scratch(z, 1)
+
+    return decode
+
+
+def graph_of(fn):
+    """A CUDA graph of ``fn()`` after two warm-up calls on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
