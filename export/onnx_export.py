@@ -113,13 +113,11 @@ class DiTStepGraph(nn.Module):
         # 1. patch + time embeddings (the model's own)
         z, grid, e, e0 = m._embed(x, t)
         # 2. blocks, each attending over concat(head, new, tail) of its layer and emitting its new K/V
-        new: list[torch.Tensor] = []
-        for i, block in enumerate(m.blocks):
-            kv = _CacheSegments(head=(past[4 * i], past[4 * i + 1]), tail=(past[4 * i + 2], past[4 * i + 3]))
-            z = block(z, e0, ctx_kv[i], (rope_cos, rope_sin), kv, 0, 0, None)
-            new += [kv.new[0], kv.new[1]]
-        # 3. head, unpatchify
-        return (m._unpatchify(m.head(z, e), grid), *new)
+        segs = [_CacheSegments(head=(past[4 * i], past[4 * i + 1]), tail=(past[4 * i + 2], past[4 * i + 3]))
+                for i in range(len(m.blocks))]
+        out = m.layers(z, e, e0, ctx_kv, (rope_cos, rope_sin), segs)
+        # 3. unpatchify; the new K/V each layer wrote
+        return (m._unpatchify(out, grid), *[t for kv in segs for t in kv.new])
 
 
 class DiTContextGraph(nn.Module):

@@ -5,6 +5,10 @@ import torch
 
 # Keep the suite fast and deterministic on 2-core CI machines.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU the Triton kernels (sdvg_rt.models.dit_kernels) run in Triton's CPU interpreter; it must be
+# chosen before the kernels are defined, i.e. before the first import of that module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

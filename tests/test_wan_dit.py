@@ -199,6 +199,20 @@ def test_multi_block_commit_equals_one_by_one(tiny):
     assert one.kv[:, :, N_BLK:].abs().sum() > 0  # the compared slots were really written
 
 
+def test_write_kv_writes_exactly_what_forward_writes(tiny):
+    """The commit forward (``write_kv``) skips the last layer after its K/V and the head, yet every cache
+    slot equals what a full forward writes, bit for bit; other slots stay untouched."""
+    x, ctx = _latents(8, 2 * FPB), _context(8, tiny.cfg)
+    full, commit = _cache(tiny, window=2 * FPB), _cache(tiny, window=2 * FPB)
+    with torch.no_grad():
+        ctx_kv = tiny.prepare_context(ctx)
+        for b in range(2):
+            tiny(_block(x, b), torch.zeros(FPB), ctx_kv, full.kv, full.slots(b))
+            assert tiny.write_kv(_block(x, b), torch.zeros(FPB), ctx_kv, commit.kv, commit.slots(b)) is None
+    assert torch.equal(commit.kv, full.kv)
+    assert full.kv[-1].abs().sum() > 0  # the last layer's slots were written
+
+
 def test_bf16_step_is_finite_and_keeps_float64_rope(tiny):
     model = WanDiT(tiny.cfg).eval()
     model.load_state_dict(tiny.state_dict())

@@ -130,11 +130,11 @@ class TorchDenoiser:
         """t = 0 forward on the clean latent x [1, 16, F, h, w]: writes the block's clean K/V (output unused).
         One CUDA graph per block index on the GPU (x is copied into its static input first)."""
         if not self.graphs.enabled:
-            self.model(x, self.t[-1], self.ctx_kv, self.cache.kv, self.cache.slots(block))
+            self.model.write_kv(x, self.t[-1], self.ctx_kv, self.cache.kv, self.cache.slots(block))
             return
         self.commit_in.copy_(x)
-        self.graphs.run(("commit", block), lambda: self.model(self.commit_in, self.t[-1], self.ctx_kv, self.cache.kv,
-                                                              self.cache.slots(block)))
+        self.graphs.run(("commit", block), lambda: self.model.write_kv(self.commit_in, self.t[-1], self.ctx_kv,
+                                                                       self.cache.kv, self.cache.slots(block)))
 
     @torch.no_grad()
     def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None:
@@ -155,7 +155,7 @@ class TorchDenoiser:
             x = xs[:k].permute(1, 2, 0, 3, 4, 5).reshape(1, xs.shape[2], k * F, *xs.shape[-2:])
             slots = self.cache.slots(blocks[0], k)
             mask = self.cache.span_mask(blocks[0], k)
-            self.model(x, self.t_commit[: k * F], self.ctx_kv, self.cache.kv, slots, mask=mask)
+            self.model.write_kv(x, self.t_commit[: k * F], self.ctx_kv, self.cache.kv, slots, mask=mask)
             return
         for i, b in enumerate(blocks):
             self.commit_block(b, xs[i])

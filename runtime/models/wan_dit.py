@@ -173,8 +173,11 @@ def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
 
 
-def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return x + y * gate
+def _gated_add_modulated_ln(x, y, gate, shift, scale, eps: float):
+    """The feed-forward residual ``x + y * gate`` and the next layer's norm1 (or the head's norm) of the
+    result in one pass."""
+    x = x + y * gate
+    return x, _modulated_ln(x, shift, scale, eps)
 
 
 def _gated_add_ln(x, y, gate, weight, bias, eps: float):
@@ -201,8 +204,20 @@ def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Ten
     return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
-_EAGER = {"modulated_ln": _modulated_ln, "gated_add": _gated_add, "gated_add_ln": _gated_add_ln,
-          "add_modulated_ln": _add_modulated_ln, "rms_norm": _rms_norm, "norm_rope": _norm_rope}
+def _qkv_to_cache(q, k, v, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write_start: int):
+    """The cached path's q/k/v epilogue: RMSNorm + RoPE of k and the head split of v written into the
+    layer's cache slots ``kv_layer[:, write_start:write_start+n]``; returns RMSNorm + RoPE of q.
+    A composition of the ``norm_rope`` group (compiled or eager) and two copies; one Triton kernel on the
+    fast path."""
+    n = q.shape[0]
+    kv_layer[0, write_start:write_start + n].copy_(_ops["norm_rope"](k, wk, eps, cos, sin, heads))
+    kv_layer[1, write_start:write_start + n].copy_(v.view(n, heads, -1))
+    return _ops["norm_rope"](q, wq, eps, cos, sin, heads)
+
+
+_EAGER = {"modulated_ln": _modulated_ln, "gated_add_ln": _gated_add_ln, "add_modulated_ln": _add_modulated_ln,
+          "gated_add_modulated_ln": _gated_add_modulated_ln, "rms_norm": _rms_norm, "norm_rope": _norm_rope,
+          "qkv_to_cache": _qkv_to_cache}
 
 
 def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -217,14 +232,42 @@ def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 _ops = dict(_EAGER)
 
 
-def compile_elementwise(enabled: bool = True) -> None:
-    """Fuse each elementwise group into one kernel with ``torch.compile`` (GPU fast path), or go back
-    to eager. Shapes are static per model, so each group compiles once per model size."""
+def _triton_ops() -> dict:
+    """The groups that have a hand-written Triton kernel (``dit_kernels``), same signatures as ``_EAGER``."""
+    from . import dit_kernels as K
+
+    return {
+        "modulated_ln": lambda x, shift, scale, eps: K.residual_ln(x, None, None, None, None, shift, scale, eps)[1],
+        "gated_add_ln": lambda x, y, gate, w, b, eps: K.residual_ln(x, y, gate, w, b, None, None, eps),
+        "add_modulated_ln": lambda x, y, shift, scale, eps: K.residual_ln(x, y, None, None, None, shift, scale, eps),
+        "gated_add_modulated_ln":
+            lambda x, y, gate, shift, scale, eps: K.residual_ln(x, y, gate, None, None, shift, scale, eps),
+        "qkv_to_cache": K.qkv_to_cache,
+    }
+
+
+def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
+    """The GPU fast path of the elementwise groups, or back to eager (``enabled=False``).
+
+    Enabled: the residual/LayerNorm groups and the q/k/v cache epilogue run as the Triton kernels of
+    ``dit_kernels`` (when ``triton`` and Triton is importable; CUDA tensors only), every other group as
+    one ``torch.compile`` kernel. Shapes are static per model, so each compiles once per model size."""
     # Each model size adds a few shapes per group (block tokens, text rows); fused multi-block commits add
     # one per span length. Past dynamo's default of 8 a fullgraph function raises instead of recompiling.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    from . import dit_kernels
+
+    kernels = _triton_ops() if enabled and triton and dit_kernels.AVAILABLE else {}
     for name, fn in _EAGER.items():
-        _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
+        if name in kernels:
+            _ops[name] = kernels[name]
+        elif enabled and name not in _COMPOSED:
+            _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+        else:
+            _ops[name] = fn
+
+
+_COMPOSED = {"qkv_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,17 +316,25 @@ class WanSelfAttention(_WanAttentionParams):
         [:read_end]; without it attend over this x only (reference path)."""
         n = x.shape[0]
         q, k, v = self.project_qkv(x)
-        # 1. q/k RMSNorm over the full dim, head split, RoPE at absolute positions
-        q = _ops["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
-        k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
-        v = v.view(n, self.num_heads, self.head_dim)
-        # 2. cached: write this call's K/V into its slots, attend over the valid prefix (no concat)
+        # 1. q/k RMSNorm over the full dim, head split, RoPE at absolute positions; cached: k and v go
+        #    straight into this call's cache slots and attention reads the valid prefix (no concat)
         if kv_layer is not None:
-            kv_layer[0, write_start:write_start + n].copy_(k)
-            kv_layer[1, write_start:write_start + n].copy_(v)
+            q = _ops["qkv_to_cache"](q, k, v, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
+                                     self.num_heads, kv_layer, write_start)
             k, v = kv_layer[0, :read_end], kv_layer[1, :read_end]
+        else:
+            q = _ops["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
+            k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
+            v = v.view(n, self.num_heads, self.head_dim)
         # 3. attention and output projection
         return self.o(attention(q, k, v, mask).reshape(n, -1))
+
+
+    def write_kv(self, x, rope, kv_layer, write_start):
+        """Only the cache write of ``forward`` (the last layer of a commit: nothing reads its output)."""
+        q, k, v = self.project_qkv(x)
+        _ops["qkv_to_cache"](q, k, v, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
+                             self.num_heads, kv_layer, write_start)
 
 
 class WanCrossAttention(_WanAttentionParams):
@@ -316,14 +367,19 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, dim))
 
-    def forward(self, x, e0, ctx_kv, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
-        """x [F, tpf, dim] (one frame per row, so per-frame modulation broadcasts); e0 [F, 6, dim]."""
+    def modulation_vectors(self, e0: torch.Tensor):
+        """Per-frame modulation, six [F, 1, dim] vectors (model dtype, as Self-Forcing): shift, scale and
+        gate of the self-attention, then of the feed-forward."""
+        return (self.modulation + e0).unsqueeze(2).unbind(1)
+
+    def forward(self, x, h, mod, next_mod, ctx_kv, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
+        """x [F, tpf, dim] (one frame per row, so per-frame modulation broadcasts): the residual stream;
+        h: its norm1 (LayerNorm without affine, modulated by this layer's ``mod``), which the previous
+        layer's last kernel produced. Returns the new residual and, in the same pass, its norm modulated
+        by ``next_mod`` (shift, scale of the next layer's norm1 or of the head)."""
         Fr, tpf, dim = x.shape
-        # 0. per-frame modulation: six [F, 1, dim] vectors (model dtype, as Self-Forcing)
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
-            (self.modulation + e0).unsqueeze(2).unbind(1)
-        # 1. self-attention (norm1: LayerNorm without affine)
-        h = _ops["modulated_ln"](x, shift_msa, scale_msa, self.eps)
+        _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
+        # 1. self-attention
         y = self.self_attn(h.view(Fr * tpf, dim), rope, kv_layer, write_start, read_end, mask)
         x, h = _ops["gated_add_ln"](x, y.view(Fr, tpf, dim), gate_msa, self.norm3.weight, self.norm3.bias,
                                     self.norm3.eps)
@@ -331,8 +387,8 @@ class WanAttentionBlock(nn.Module):
         #    new residual (LayerNorm without affine, modulated) for the feed-forward
         y = self.cross_attn(h.view(Fr * tpf, dim), ctx_kv).view(Fr, tpf, dim)
         x, h = _ops["add_modulated_ln"](x, y, shift_ffn, scale_ffn, self.eps)
-        # 3. feed-forward
-        return _ops["gated_add"](x, _ffn(self.ffn, h), gate_ffn)
+        # 3. feed-forward; its residual fused with the next norm
+        return _ops["gated_add_modulated_ln"](x, _ffn(self.ffn, h), gate_ffn, *next_mod, self.eps)
 
 
 class WanHead(nn.Module):
@@ -342,10 +398,13 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [F, tpf, dim], e [F, dim] (the un-projected time embedding) -> [F, tpf, 64]."""
-        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # [F, 1, dim] each
-        return self.head(_ops["modulated_ln"](x, shift, scale, self.eps))
+    def modulation_vectors(self, e: torch.Tensor):
+        """e [F, dim] (the un-projected time embedding) -> shift, scale [F, 1, dim] of the head's norm."""
+        return (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: the modulated LayerNorm of the last residual (made by the last layer) -> [F, tpf, 64]."""
+        return self.head(h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +461,23 @@ class WanDiT(nn.Module):
         return out
 
     # ---- per block step ----------------------------------------------------------------------
+    def layers(self, z, e, e0, ctx_kv, rope, kv_layers, write_start=0, read_end=0, mask=None,
+               kv_only: bool = False) -> torch.Tensor | None:
+        """The transformer layers and the head: z [F, tpf, dim] -> [F, tpf, 64]. ``kv_layers[i]`` is layer
+        i's cache (``[2, S, H, D]``) or None (reference path). Each layer's last kernel also makes the next
+        layer's (or the head's) normalised input. ``kv_only``: stop once the last layer's K/V are written
+        (a commit), return None."""
+        mods = [block.modulation_vectors(e0) for block in self.blocks] + [self.head.modulation_vectors(e)]
+        h = _ops["modulated_ln"](z, mods[0][0], mods[0][1], self.cfg.eps)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if kv_only and i == last:
+                block.self_attn.write_kv(h.view(-1, h.shape[-1]), rope, kv_layers[i], write_start)
+                return None
+            z, h = block(z, h, mods[i], mods[i + 1][:2], ctx_kv[i], rope, kv_layers[i], write_start, read_end,
+                         mask)
+        return self.head(h)
+
     def _embed(self, x: torch.Tensor, t: torch.Tensor):
         cfg = self.cfg
         if x.dim() != 5 or x.shape[0] != 1 or x.shape[1] != cfg.in_dim:
@@ -426,7 +502,17 @@ class WanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx_kv: torch.Tensor, kv: torch.Tensor,
                 slots: BlockSlots, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One cached block step; returns the flow prediction, same shape as x.
+        """One cached block step; returns the flow prediction, same shape as x (``_step``)."""
+        return self._step(x, t, ctx_kv, kv, slots, mask)
+
+    def write_kv(self, x: torch.Tensor, t: torch.Tensor, ctx_kv: torch.Tensor, kv: torch.Tensor,
+                 slots: BlockSlots, mask: torch.Tensor | None = None) -> None:
+        """The commit forward: the cache writes of ``forward`` (every layer's K/V, identical values) without
+        the work nothing reads (the last layer after its K/V, the head)."""
+        self._step(x, t, ctx_kv, kv, slots, mask, kv_only=True)
+
+    def _step(self, x, t, ctx_kv, kv, slots: BlockSlots, mask=None, kv_only: bool = False):
+        """One cached block step.
 
         x [1, 16, F, h, w] (F frames of one or several consecutive blocks), t [F] float32,
         ctx_kv [L, 2, T, H, D] from ``prepare_context``, kv [L, 2, S, H, D] (``KVCache.kv``), slots from
@@ -443,11 +529,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"mask must be [{n}, {re}], found {tuple(mask.shape)}")
         # 3. RoPE factors at absolute frame positions
         rope = self.rope.factors(*grid, frame_offset=slots.frame_offset)
-        # 4. blocks, each writing its K/V into its cache slots
-        for i, block in enumerate(self.blocks):
-            z = block(z, e0, ctx_kv[i], rope, kv[i], ws, re, mask)
-        # 5. head, unpatchify
-        return self._unpatchify(self.head(z, e), grid)
+        # 4. blocks, each writing its K/V into its cache slots; head; unpatchify
+        out = self.layers(z, e, e0, ctx_kv, rope, kv, ws, re, mask, kv_only)
+        return None if kv_only else self._unpatchify(out, grid)
 
     def forward_full(self, x: torch.Tensor, t: torch.Tensor, ctx_kv: torch.Tensor,
                      mask: torch.Tensor | None = None, frame_offset: int = 0) -> torch.Tensor:
@@ -458,6 +542,5 @@ class WanDiT(nn.Module):
         if mask is not None and tuple(mask.shape) != (n, n):
             raise ValueError(f"mask must be [{n}, {n}], found {tuple(mask.shape)}")
         rope = self.rope.factors(*grid, frame_offset=frame_offset)
-        for i, block in enumerate(self.blocks):
-            z = block(z, e0, ctx_kv[i], rope, None, mask=mask)
-        return self._unpatchify(self.head(z, e), grid)
+        out = self.layers(z, e, e0, ctx_kv, rope, [None] * len(self.blocks), mask=mask)
+        return self._unpatchify(out, grid)

@@ -1,0 +1,121 @@
+"""The DiT's Triton kernels (``models.dit_kernels``) against the eager groups of ``wan_dit`` that define
+them: each kernel alone (fp32 to rounding, bf16 to a few bf16 ulps), the cache slots they write and leave
+alone, bad inputs, and a whole cached block step of the tiny model with every kernel in place.
+
+On CPU machines the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py);
+on a GPU they run compiled.
+"""
+import pytest
+import torch
+from sdvg_rt.checkpoints.wan_dit import synthetic_dit_state_dict
+from sdvg_rt.kv_cache import KVCache
+from sdvg_rt.models import dit_kernels as K
+from sdvg_rt.models import wan_dit as W
+
+pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="needs triton (test extra)")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rope(dim, heads, frames=2, h=3, w=4, offset=5):
+    rope = W.WanRoPE(W.WanDiTConfig("k", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).to(DEV)
+    return rope.factors(frames, h, w, frame_offset=offset)
+
+
+def _close(got, ref, dtype):
+    """fp32: rounding only; 16-bit: within 2 ulps at the reference's scale."""
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}[dtype]
+    err = (got.float() - ref.float()).abs().max().item()
+    assert err <= tol * max(1.0, ref.float().abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp32: eager composition
+@pytest.mark.parametrize("heads,head_dim", [(3, 32), (2, 24)])  # 24: pairs per row not a power of two
+def test_qkv_to_cache_matches_eager(dtype, heads, head_dim):
+    dim, n, ws = heads * head_dim, 24, 7
+    q, k, v = torch.randn(n, 3 * dim, device=DEV).to(dtype).chunk(3, -1)  # strided rows, as after fuse_qkv
+    wq, wk = torch.randn(dim, device=DEV).to(dtype), torch.randn(dim, device=DEV).to(dtype)
+    cos, sin = _rope(dim, heads)
+    kv = torch.full((2, 40, heads, head_dim), 7.0, device=DEV, dtype=dtype)
+    kv_ref = kv.clone()
+    got = K.qkv_to_cache(q, k, v, wq, wk, 1e-6, cos, sin, heads, kv, ws)
+    ref = W._qkv_to_cache(q, k, v, wq, wk, 1e-6, cos, sin, heads, kv_ref, ws)
+    _close(got, ref, dtype)
+    _close(kv[0, ws:ws + n], kv_ref[0, ws:ws + n], dtype)
+    assert torch.equal(kv[1, ws:ws + n], kv_ref[1, ws:ws + n])  # v is copied, not computed
+    # slots outside [ws, ws + n) are untouched
+    assert (kv[:, :ws] == 7).all() and (kv[:, ws + n:] == 7).all()
+
+
+def _mods(frames, dim, dtype):
+    return (torch.randn(frames, 6, dim, device=DEV).to(dtype)).unsqueeze(2).unbind(1)  # strided rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [96, 80])
+def test_residual_ln_matches_each_eager_group(dtype, dim):
+    fr, tpf = 2, 12
+    x, y = (torch.randn(fr, tpf, dim, device=DEV).to(dtype) for _ in range(2))
+    shift, scale, gate, _, _, gate2 = _mods(fr, dim, dtype)
+    w, b = torch.randn(dim, device=DEV).to(dtype), torch.randn(dim, device=DEV).to(dtype)
+    eps = 1e-6
+    cases = [
+        (K.residual_ln(x, None, None, None, None, shift, scale, eps), (x, W._modulated_ln(x, shift, scale, eps))),
+        (K.residual_ln(x, y, gate, w, b, None, None, eps), W._gated_add_ln(x, y, gate, w, b, eps)),
+        (K.residual_ln(x, y, None, None, None, shift, scale, eps), W._add_modulated_ln(x, y, shift, scale, eps)),
+        (K.residual_ln(x, y, gate2, None, None, shift, scale, eps),
+         W._gated_add_modulated_ln(x, y, gate2, shift, scale, eps)),
+    ]
+    for (gx, gh), (rx, rh) in cases:
+        _close(gx, rx, dtype)
+        _close(gh, rh, dtype)
+
+
+def test_bad_inputs_name_the_tensor():
+    dim, heads, n = 64, 2, 12
+    q, k, v = torch.randn(n, 3 * dim, device=DEV, dtype=torch.bfloat16).chunk(3, -1)
+    w = torch.ones(dim, device=DEV, dtype=torch.bfloat16)
+    cos, sin = _rope(dim, heads, 1, 3, 4)
+    kv = torch.zeros(2, 20, heads, dim // heads, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_layer"):
+        K.qkv_to_cache(q, k, v, w, w, 1e-6, cos, sin, heads, kv, 10)  # 10 + 12 > 20 slots
+    with pytest.raises(ValueError, match="cos"):
+        K.qkv_to_cache(q, k, v, w, w, 1e-6, cos[:6], sin, heads, kv, 0)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        K.qkv_to_cache(q, k[:6], v, w, w, 1e-6, cos, sin, heads, kv, 0)
+    with pytest.raises(ValueError, match="one dtype"):
+        K.qkv_to_cache(q, k, v, w.float(), w, 1e-6, cos, sin, heads, kv, 0)
+    x = torch.randn(2, 6, dim, device=DEV)
+    s = torch.randn(2, 1, dim, device=DEV)
+    with pytest.raises(ValueError, match="modulation"):
+        K.residual_ln(x, None, None, None, None, s[:1], s[:1], 1e-6)
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        K.residual_ln(x, x.transpose(0, 1), None, None, None, s, s, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_block_steps_with_kernels_match_eager(dtype):
+    """Three cached block steps of the tiny model with every Triton group in place equal the eager model:
+    outputs and the whole KV cache (fp32: to rounding; bf16, where the q/k/v kernel runs: to bf16 noise)."""
+    model = W.WanDiT(W.PRESETS["tiny"]).eval().to(DEV)
+    model.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
+    model.to(dtype).fuse_qkv()
+    c = model.cfg
+    ctx_kv = model.prepare_context(torch.randn(1, c.text_len, c.text_dim, device=DEV))
+    caches = [KVCache(c.num_layers, c.num_heads, c.head_dim, 12, 3, 21, 0, dtype, DEV) for _ in range(2)]
+    x = torch.randn(1, 16, 9, 6, 8, device=DEV)
+    outs = []
+    saved = dict(W._ops)
+    try:
+        for use_kernels, cache in zip((False, True), caches):
+            W._ops.update(W._EAGER)
+            if use_kernels:
+                W._ops.update(W._triton_ops())
+            with torch.no_grad():
+                outs.append([model(x[:, :, 3 * b:3 * b + 3], torch.full((3,), 500.0 + b, device=DEV), ctx_kv,
+                                   cache.kv, cache.slots(b)) for b in range(3)])
+    finally:
+        W._ops.clear()
+        W._ops.update(saved)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, ref in zip(outs[1] + [caches[1].kv], outs[0] + [caches[0].kv]):
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
