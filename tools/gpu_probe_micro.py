@@ -4,6 +4,8 @@
 2. GEMM weight layouts: F.linear (weight [out, in]) vs addmm with a pre-transposed [in, out] weight (the
    floor's layout), with bias and with the GELU epilogue;
 3. cuDNN SDPA with the cache's token-major views vs head-major contiguous tensors."""
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -122,6 +124,53 @@ def qkv_e(q_ptr, k_ptr, v_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ou
             tl.store(k_out + dst, out, mask=m)
 
 
+@triton.jit
+def qkv_f(q_ptr, k_ptr, v_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, v_out,
+          heads, dim, eps, n, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr, ROWS: tl.constexpr,
+          PARTS: tl.constexpr):
+    """e with ROWS rows per program; PARTS=3: one program does q, k and v of its rows (grid n/ROWS), else
+    grid (n/ROWS, 3)."""
+    dt = wq_ptr.dtype.element_ty
+    hh = tl.arange(0, H_PAD)[:, None]
+    pp = tl.arange(0, P_PAD)[None, :]
+    offs = hh * HALF + pp
+    m = (hh < heads) & (pp < HALF)
+    pr = tl.arange(0, P_PAD)
+    for r in tl.static_range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + r
+        mr = (hh < tl.where(row < n, heads, 0)) & (pp < HALF)
+        mc = pr < tl.where(row < n, HALF, 0)
+        for pi in tl.static_range(3 if PARTS == 3 else 1):
+            part = pi if PARTS == 3 else tl.program_id(1)
+            src = row * in_stride + offs
+            dst = row * (dim // 2) + offs
+            if part == 2:
+                tl.store(v_out + dst, tl.load(v_ptr + src, mask=mr), mask=mr)
+            else:
+                if part == 0:
+                    word = tl.load(q_ptr + src, mask=mr, other=0)
+                    w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+                    w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+                else:
+                    word = tl.load(k_ptr + src, mask=mr, other=0)
+                    w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+                    w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+                x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+                x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+                rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+                y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
+                y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+                c = tl.load(cos_ptr + row * HALF + pr, mask=mc, other=0.0)[None, :]
+                s = tl.load(sin_ptr + row * HALF + pr, mask=mc, other=0.0)[None, :]
+                o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
+                out = o0 | (o1 << 16)
+                if part == 0:
+                    tl.store(q_out + dst, out, mask=mr)
+                else:
+                    tl.store(k_out + dst, out, mask=mr)
+
+
 def run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs):
     n, dim = q.shape
     q_out = torch.empty(n, dim, dtype=q.dtype, device="cuda")
@@ -135,6 +184,13 @@ def run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs):
     elif name == "b":
         f = lambda: qkv_b[(n, 3)](q, k, v, q.stride(0), wq, wk, cos, sin, q_out, ko, vo, heads, dim, 1e-6,
                                   HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
+    elif name.startswith("f"):
+        rows, parts = int(name[1]), int(name[2])
+        i32 = lambda t: t.view(torch.int32)
+        grid = (triton.cdiv(n, rows),) if parts == 3 else (triton.cdiv(n, rows), 3)
+        f = lambda: qkv_f[grid](i32(q), i32(k), i32(v), q.stride(0) // 2, wq, wk, cos, sin,
+                                i32(q_out), i32(ko), i32(vo), heads, dim, 1e-6, n,
+                                HALF=half, H_PAD=hp, P_PAD=pp, ROWS=rows, PARTS=parts, num_warps=nw)
     else:
         i32 = lambda t: t.view(torch.int32)
         f = lambda: qkv_e[(n, 3)](i32(q), i32(k), i32(v), q.stride(0) // 2, i32(wq), i32(wk), cos, sin,
@@ -158,7 +214,7 @@ for dim, heads in ((5120, 40), (1536, 12)):
     dst = torch.empty(3 * n * dim, device="cuda", dtype=torch.bfloat16)
     tcopy = cuda_time(lambda: dst.copy_(qkv.view(-1)), iters=20) * 1e3
     print(f"dim {dim}: plain copy of the same bytes {tcopy * 1e3:.0f} us ({nbytes / tcopy / 1e9:.2f} TB/s)")
-    for name in ("a", "b", "e"):
+    for name in ("e", "f11", "f21", "f41", "f13", "f23"):
         for nw in (4, 8, 16):
             kvs = torch.zeros(2, n, dim, device="cuda", dtype=torch.bfloat16)
             try:
@@ -171,6 +227,8 @@ for dim, heads in ((5120, 40), (1536, 12)):
                       (kvs[1] - kv_ref[1].reshape(n, dim)).abs().max().item())
             print(f"  {name} nw={nw:2d}: {t * 1e3:6.0f} us ({nbytes / t / 1e9:.2f} TB/s) max|diff| vs eager {err:.3g}")
 
+if "--kernels-only" in sys.argv:
+    sys.exit(0)
 print("GEMMs, M=4680 (us): F.linear [out,in] | addmm [in,out] | mm no bias [out,in].t() | mm no bias [in,out]")
 M = 4680
 x5 = torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16)
