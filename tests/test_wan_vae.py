@@ -9,16 +9,22 @@ computed once per module.
 """
 import copy
 import math
+import os
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sdvg_rt.checkpoints.wan_vae import decoder_shapes, from_diffusers
+from sdvg_rt.models import wan_vae
 from sdvg_rt.models.wan_vae import (
     VAE_PRESETS,
     VAEState,
     VAEStream,
     WanVAEConfig,
     WanVAEDecoder,
+    set_subpixel_upsample,
+    subpixel_weight,
 )
 
 H, W = 2, 3  # latent size of the tests
@@ -33,6 +39,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["off", "3x3", "2x2"])
+def subpixel(request):
+    """Each sub-pixel upsample mode (the same function), restored to "auto" afterwards."""
+    set_subpixel_upsample(request.param)
+    yield request.param
+    set_subpixel_upsample("auto")
 
 
 def _tiny_diffusers(dtype):
@@ -103,7 +117,7 @@ def _split(z, sizes):
 
 
 @pytest.mark.parametrize("sizes, counts", [((3, 3, 3), [9, 12, 12]), ((1, 2, 3, 3), [1, 8, 12, 12])])
-def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts):
+def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts, subpixel):
     _, mine, z, ref_frames = parity64
     assert ref_frames.shape == (1, 3, 1 + 4 * (N_LAT - 1), 8 * H, 8 * W)
     stream = VAEStream(mine, H, W)
@@ -120,7 +134,7 @@ def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts
     assert (ref_frames.abs() < 1).float().mean() > 0.5
 
 
-def test_self_forcing_convention_matches_zero_cache_reference(parity64):
+def test_self_forcing_convention_matches_zero_cache_reference(parity64, subpixel):
     """SF demo: zero-initialised cache for block 0 (no "Rep" bypass), first 3 pixel frames dropped.
 
     Independent path: diffusers' decoder fed one latent per call with a feature cache pre-filled with
@@ -217,7 +231,7 @@ def test_in_place_state_and_functional_forward(tiny32):
     assert all(torch.equal(a, b) for a, b in zip(new, stream.committed.slots))
 
 
-def test_channels_last_matches_contiguous(tiny32):
+def test_channels_last_matches_contiguous(tiny32, subpixel):
     model, z = tiny32
     cl = WanVAEDecoder(model.config).eval()
     cl.load_state_dict(model.state_dict())
@@ -230,7 +244,7 @@ def test_channels_last_matches_contiguous(tiny32):
         torch.testing.assert_close(b.decode_commit(zb, blk), a.decode_commit(zb, blk), rtol=0, atol=1e-5)
 
 
-def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64):
+def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64, subpixel):
     """The production dtype: bf16 weights/state, fp32 norm accumulation, fp32 de-normalisation
     constants. Judged against the fp64 reference: our bf16 error must be no worse than diffusers' own
     bf16 decode of the same weights (measured: mean 8.2e-3 vs 7.8e-3, max 0.07 vs 0.10)."""
@@ -248,6 +262,152 @@ def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64):
     err_ours = (got.double() - want).abs().mean()
     err_theirs = (theirs.double() - want).abs().mean()
     assert err_ours < 1.5 * err_theirs and err_ours < 2e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# fewer passes: sub-pixel upsample, history written by the producing group
+
+
+@pytest.mark.parametrize("h, w", [(3, 4), (5, 7), (4, 1), (1, 1)])
+@pytest.mark.parametrize("mode", ["3x3", "2x2"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_conv_equals_nearest_upsample_then_conv(h, w, mode, channels_last):
+    """One conv of the low-resolution image with the folded taps + pixel shuffle == nearest-exact 2x then
+    the 3x3 conv (padding 1), in fp64; the result lands in the layout asked for."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, h, w, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        conv.bias.copy_(torch.randn(5, generator=g, dtype=torch.float64))
+        want = conv(torch.nn.Upsample(scale_factor=2.0, mode="nearest-exact")(x))
+        k = subpixel_weight(conv.weight, mode)
+        assert k.shape == ((20, 6, 3, 3) if mode == "3x3" else (20, 6, 2, 2))
+        mf = torch.channels_last if channels_last else torch.contiguous_format
+        y = F.conv2d(x.contiguous(memory_format=mf), k.contiguous(memory_format=mf), None, 1, 1)
+        z = wan_vae._bias_pixel_shuffle(y, conv.bias, mode == "2x2", channels_last)
+        got = wan_vae._phases_to_images(z, channels_last)
+    assert got.shape == want.shape == (3, 5, 2 * h, 2 * w)
+    assert (got - want).abs().max() < 1e-10
+    assert got.is_contiguous(memory_format=mf)
+    if h > 1 and w > 1:  # the taps really are spread over the phases (a wrong phase map fails above)
+        assert k.abs().flatten(1).sum(1).min() > 0
+
+
+def test_subpixel_phase_map_on_a_single_pixel():
+    """Nearest 2x of a one-hot image is a 2x2 block; the fold must put each 3x3 tap where that block
+    sends it: checked tap by tap against the upsample, for every output phase."""
+    for t in range(9):
+        wt = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+        wt.view(-1)[t] = 1.0
+        x = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+        x[0, 0, 1, 1] = 1.0
+        want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"), wt, padding=1)
+        y = F.conv2d(x, subpixel_weight(wt, "3x3"), padding=1)
+        z = wan_vae._bias_pixel_shuffle(y, torch.zeros(1, dtype=torch.float64), False, False)
+        got = wan_vae._phases_to_images(z, False)
+        assert torch.equal(got, want), t
+
+
+def test_subpixel_fold_follows_weight_changes(tiny32):
+    """The folded weights are cached; loading other weights (in place) or casting must refold them."""
+    model, z = tiny32
+    m = copy.deepcopy(model)
+    try:
+        set_subpixel_upsample("3x3")
+        a = VAEStream(m, H, W).decode_commit(z[:, :, :3], 0)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, wan_vae.Resample):
+                    mod.resample[1].weight.mul_(-0.5)  # in place: same storage, new version
+        b = VAEStream(m, H, W).decode_commit(z[:, :, :3], 0)
+        set_subpixel_upsample("off")
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(b, VAEStream(m, H, W).decode_commit(z[:, :, :3], 0), rtol=0, atol=1e-5)
+        m64 = m.double()  # new storages
+        set_subpixel_upsample("3x3")
+        c = VAEStream(m64, H, W).decode_commit(z[:, :, :3].double(), 0)
+        assert c.dtype == torch.float64
+        torch.testing.assert_close(c, b.double(), rtol=0, atol=1e-5)
+    finally:
+        set_subpixel_upsample("auto")
+
+
+def test_subpixel_mode_switch():
+    """"auto" (the default): sub-pixel 2x2 on CUDA tensors only; unknown modes are refused."""
+    set_subpixel_upsample("auto")
+    assert wan_vae._subpixel_mode(torch.zeros(1)) == "off"
+    assert wan_vae._subpixel_mode(torch.zeros(1, device="meta")) == "off"
+    with pytest.raises(ValueError, match="sub-pixel"):
+        set_subpixel_upsample("4x4")
+    assert wan_vae._subpixel["mode"] == "auto"
+
+
+def _conv_input_layouts(model, z, monkeypatch):
+    """Decode 2 blocks (zero history, then the state's); return (whether every 3D conv input was
+    channels-last-3d, frames of both blocks). The CPU convolutions return contiguous tensors whatever
+    their input; here they return channels-last ones like cuDNN does on the GPU, so that what is checked
+    is the layout that our own ops (the ``*_into`` groups' buffers, the concatenations, the reshapes)
+    produce."""
+    seen = []
+    conv2d, conv3d = F.conv2d, F.conv3d
+
+    def conv3d_cl(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+        return conv3d(x, *args, **kwargs).contiguous(memory_format=torch.channels_last_3d)
+
+    def conv2d_cl(x, *args, **kwargs):
+        return conv2d(x, *args, **kwargs).contiguous(memory_format=torch.channels_last)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(F, "conv3d", conv3d_cl)
+        mp.setattr(F, "conv2d", conv2d_cl)
+        stream = VAEStream(model, H, W)
+        frames = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z[:, :, :6], (3, 3)))]
+    assert len(seen) == 2 * (1 + 32 + 1)  # conv2, the 32 causal convs (wan-models.md §5), the shortcut
+    return all(seen), frames
+
+
+def _no_cxx():
+    return shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+def test_causal_conv_inputs_stay_channels_last(tiny32, subpixel, monkeypatch):
+    """The causal convs' inputs ``[history | x]`` stay channels-last-3d (zero history on block 0, the
+    state's history after), in every sub-pixel mode (eager)."""
+    model, z = tiny32
+    ok, _ = _conv_input_layouts(copy.deepcopy(model).to_channels_last(), z, monkeypatch)
+    assert ok
+
+
+@pytest.mark.skipif(_no_cxx(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
+    """Compiled (Inductor on CPU here) with the GPU's sub-pixel mode ("2x2"): the causal convs' inputs
+    stay channels-last-3d and the frames equal the eager decode's."""
+    set_subpixel_upsample("2x2")
+    model, z = tiny32
+    cl = copy.deepcopy(model).to_channels_last()
+    ok, want = _conv_input_layouts(cl, z, monkeypatch)
+    assert ok
+    torch._dynamo.reset()
+    wan_vae.compile_elementwise(True)
+    try:
+        # the tiny sizes coincide (t = w = 3), so dynamo's duck sizing adds graphs that the full size does not
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 32)
+        ok, got = _conv_input_layouts(cl, z, monkeypatch)
+        # the 2x2 form's pixel shuffle (a gather), compiled
+        y = torch.randn(4, 12, 3, 5).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(3)
+        for shift in (True, False):
+            a, e = (ops["bias_pixel_shuffle"](y, b, shift, True) for ops in (wan_vae._ops, wan_vae._EAGER))
+            assert a.is_contiguous() and a.shape == e.shape and torch.equal(a, e)
+    finally:
+        wan_vae.compile_elementwise(False)
+        torch._dynamo.reset()
+        set_subpixel_upsample("auto")
+    assert ok
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_decode_rejects_a_state_of_another_size(tiny32):

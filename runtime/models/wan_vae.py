@@ -34,6 +34,14 @@ accumulate the channel norm in fp32 for fp16/bf16 inputs; the latent de-normalis
 
 Layout: ``to_channels_last()`` puts weights, states and activations in channels-last (3D for the causal
 convs, 2D per frame for the resample and attention convs), where frames <-> images reshapes are views.
+
+Passes (GPU fast path). A causal conv's input ``[history | x]`` is written by the elementwise group that
+produces ``x`` (the ``*_into`` groups store into the frames after the history: one kernel once compiled, no
+concatenation copy); ``time_conv``'s bias is added by the kernel that interleaves its two halves into
+frames; a residual block's shortcut bias is folded into its last bias add. The spatial 2x (nearest, then
+3x3 conv) can run as a sub-pixel convolution (``set_subpixel_upsample``; on by default for CUDA tensors):
+one convolution of the low-resolution frames with the folded taps of the 4 output phases, then one
+pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor.
 """
 from __future__ import annotations
 
@@ -195,10 +203,37 @@ def causal_conv(conv: nn.Conv3d, x: torch.Tensor, slot: int, ctx: _Ctx) -> torch
 
 
 def _with_history(x: torch.Tensor, slot: int, ctx: _Ctx) -> torch.Tensor:
-    """``[2 history frames | x]`` along time; the last 2 frames become the slot's new history (in place)."""
+    """``[2 history frames | x]`` along time; the last 2 frames become the slot's new history (in place).
+    A copy of ``x``: used where ``x`` is not made by an elementwise group (conv1, ``time_conv``); the
+    others build the concatenation in their own kernel (``_group_with_history``)."""
     new = ctx.new[slot]
     hist = new.zero_() if ctx.hist is None else ctx.hist[slot]
     xin = torch.cat([hist, x], dim=2)
+    new.copy_(xin[:, :, -CACHE_T:])
+    return xin
+
+
+def _group_with_history(name: str, slot: int, ctx: _Ctx, x: torch.Tensor, *args) -> torch.Tensor:
+    """``[2 history frames | group(x, *args)]`` for a causal conv, ``group`` = ``_ops[name]``: its
+    ``*_into`` form stores the result straight into the frames after the history of a new buffer (in the
+    model's layout); the history (zeros when ``ctx.hist`` is None, i.e. a first block) is copied in front
+    (2 frames). Then the last 2 frames become the slot's new history (in place, after the read of the
+    history: state_in may be state_out). An output argument rather than ``cat`` inside a compiled group:
+    Inductor lowers a ``cat`` of a norm's output to a pointwise concatenation and materialises the norm
+    in fp32 first (3x the traffic, measured), but stores straight into a mutated input. While exporting
+    ONNX (which cannot store into part of a buffer) it is ``cat`` as before."""
+    new = ctx.new[slot]
+    if torch.onnx.is_in_onnx_export():
+        hist = new.zero_() if ctx.hist is None else ctx.hist[slot]
+        xin = torch.cat([hist, _ops[name](x, *args)], dim=2)
+    else:
+        b, c, t, h, w = x.shape
+        xin = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device, memory_format=ctx.mf)
+        if ctx.hist is None:
+            xin[:, :, :CACHE_T].zero_()
+        else:
+            xin[:, :, :CACHE_T].copy_(ctx.hist[slot])
+        _ops[name + "_into"](x, *args, xin[:, :, CACHE_T:])
     new.copy_(xin[:, :, -CACHE_T:])
     return xin
 
@@ -249,8 +284,72 @@ def _bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torc
     return x + bias.view(1, -1, 1, 1, 1) + h
 
 
+def _rms_norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """``out = SiLU(norm(x))``: a causal conv's input frames, stored by the norm's kernel once compiled."""
+    out.copy_(_rms_norm_silu(x, gamma, scale))
+
+
+def _bias_rms_norm_silu_into(x: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float,
+                             out: torch.Tensor) -> None:
+    """``out = SiLU(norm(x + bias))`` (the previous convolution's bias folded in)."""
+    out.copy_(_bias_rms_norm_silu(x, bias, gamma, scale))
+
+
+def _bias_interleave(y: torch.Tensor, bias: torch.Tensor, lead: torch.Tensor | None,
+                     channels_last: bool) -> torch.Tensor:
+    """``time_conv``'s output ``[b, (2, c), t, h, w]`` without its bias -> frames ``[b, c, 2t, h, w]``
+    (frame 2i + s is half s of time step i), bias added, ``lead`` (a frame that bypasses ``time_conv``)
+    in front: one kernel once compiled (eagerly: bias add, one copy, and the concatenation if ``lead``)."""
+    b, c2, t, h, w = y.shape
+    c = c2 // 2
+    y = y + bias.view(1, -1, 1, 1, 1)
+    if channels_last:  # physical [b, t, h, w, (2, c)] -> [b, (t, 2), h, w, c]
+        y = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, c)).permute(0, 1, 4, 2, 3, 5)
+        y = y.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+    else:
+        y = y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+    return y if lead is None else torch.cat([lead, y], dim=2)
+
+
+def _bias_pixel_shuffle(y: torch.Tensor, bias: torch.Tensor, shift: bool, channels_last: bool) -> torch.Tensor:
+    """The sub-pixel convolution's output ``[n, (2, 2, c), h + shift, w + shift]`` plus ``bias``, in pixel
+    order: ``[n, i, a, j, b, k]`` (channels-last) or ``[n, k, i, a, j, b]``, contiguous, so that
+    ``_phases_to_images`` makes it ``[n, c, 2h, 2w]`` images with views. Output pixel ``(2i + a, 2j + b)``
+    of channel ``k`` is channel ``(2a + b) * c + k`` at ``(i + shift * a, j + shift * b)`` (``shift``: the
+    2x2 form, whose phase-1 windows start one row/column later). One kernel once compiled (eagerly: one
+    copy and the bias add). The 2D views stay outside (Inductor's dynamic shapes fail on them, torch
+    2.13); the ONNX exporter has no ``as_strided``, so it gets an equivalent gather (a stack of the 4
+    windows would cost Inductor an extra pass, and its gather with dynamic sizes is 15x slower)."""
+    n, c4, hp, wp = y.shape
+    shift = int(shift)  # a bool: a constant for torch.compile (an int argument would be symbolic)
+    c, h, w = c4 // 4, hp - shift, wp - shift
+    z = y.permute(0, 2, 3, 1).unflatten(-1, (2, 2, c))  # [n, i', j', a, b, k] (a view of y, any layout)
+    if not shift:
+        z = z.permute(0, 1, 3, 2, 4, 5)  # [n, i, a, j, b, k]
+    elif not torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():  # no as_strided in ONNX
+        ph = torch.arange(2, device=y.device)
+        rows = torch.arange(h, device=y.device).view(h, 1, 1, 1) + ph.view(1, 2, 1, 1)
+        cols = torch.arange(w, device=y.device).view(1, 1, w, 1) + ph.view(1, 1, 1, 2)
+        z = z[:, rows, cols, ph.view(1, 2, 1, 1), ph.view(1, 1, 1, 2)]  # [n, i, a, j, b, k]
+    else:  # phase (a, b) at (i + a, j + b): one strided view (an affine load once compiled)
+        sn, sh, sw, sa, sb, sk = z.stride()
+        z = z.as_strided((n, h, 2, w, 2, c), (sn, sh, sh + sa, sw, sw + sb, sk))
+    if channels_last:
+        return z.contiguous() + bias
+    return z.permute(0, 5, 1, 2, 3, 4).contiguous() + bias.view(-1, 1, 1, 1, 1)
+
+
+def _phases_to_images(z: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``_bias_pixel_shuffle``'s result -> images ``[n, c, 2h, 2w]`` (views; channels-last or contiguous)."""
+    if channels_last:
+        return z.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
+    return z.flatten(4, 5).flatten(2, 3)
+
+
 _EAGER = {"rms_norm": _rms_norm, "rms_norm_silu": _rms_norm_silu, "bias_rms_norm_silu": _bias_rms_norm_silu,
-          "bias_residual": _bias_residual}
+          "bias_residual": _bias_residual, "rms_norm_silu_into": _rms_norm_silu_into,
+          "bias_rms_norm_silu_into": _bias_rms_norm_silu_into, "bias_interleave": _bias_interleave,
+          "bias_pixel_shuffle": _bias_pixel_shuffle}
 _ops = dict(_EAGER)
 
 
@@ -261,6 +360,61 @@ def compile_elementwise(enabled: bool = True) -> None:
     twenty (channels, frames, height, width) combinations, more than dynamo's recompile limit."""
     for name, fn in _EAGER.items():
         _ops[name] = torch.compile(fn, dynamic=True, fullgraph=True) if enabled else fn
+
+
+SUBPIXEL_MODES = ("auto", "off", "3x3", "2x2")
+_subpixel = {"mode": "auto"}
+
+
+def set_subpixel_upsample(mode: str = "auto") -> None:
+    """How ``Resample`` computes nearest 2x + 3x3 conv (the same function in every mode):
+
+    - ``"off"``: as written (``nn.Upsample`` then the conv on the 4x larger frames);
+    - ``"3x3"``: sub-pixel, one 3x3 conv (padding 1) of the low-resolution frames with ``4 * Cout``
+      outputs (the folded taps of the 4 output phases), then one pixel-shuffle + bias kernel;
+    - ``"2x2"``: the same with each phase's 2x2 non-zero taps only: a 2x2 conv (padding 1, output
+      ``(h+1) x (w+1)``) whose phase (a, b) is read at offset (a, b) -- 4/9 of the 3x3 form's FLOPs;
+    - ``"auto"`` (default): ``"2x2"`` for CUDA tensors (the GPU fast path: 103.7 ms per block decode vs
+      105.0 for ``"3x3"`` and 116.8 without, H100, ``tools/gpu_probe_vae_ab.py``), ``"off"`` elsewhere.
+    """
+    if mode not in SUBPIXEL_MODES:
+        raise ValueError(f"unknown sub-pixel upsample mode {mode!r}; choose one of {SUBPIXEL_MODES}")
+    _subpixel["mode"] = mode
+
+
+def _subpixel_mode(x: torch.Tensor) -> str:
+    mode = _subpixel["mode"]
+    return ("2x2" if x.is_cuda else "off") if mode == "auto" else mode
+
+
+def subpixel_weight(weight: torch.Tensor, mode: str = "3x3") -> torch.Tensor:
+    """Fold a 3x3 conv that follows a nearest 2x upsample into a conv of the low-resolution input.
+
+    Output row ``2i + a`` (phase ``a``) reads upsampled rows ``2i + a + k - 1`` (tap ``k``), i.e. input
+    row ``i + (a + k - 1) // 2``: phase 0 puts tap 0 on offset -1 and taps 1, 2 on offset 0; phase 1 puts
+    taps 0, 1 on offset 0 and tap 2 on offset +1 (the same along columns; the zero padding of the
+    upsampled frame is the zero padding of the input). Returns ``[(2, 2, Cout), Cin, 3, 3]`` (taps on
+    offsets -1..1) for ``"3x3"``, ``[(2, 2, Cout), Cin, 2, 2]`` (phase a's offsets ``a-1, a``) for
+    ``"2x2"``; summed in fp32 (fp64 for fp64 weights), then cast to the weight's dtype."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    fold = torch.zeros(2, 3, 3, dtype=acc, device=weight.device)  # [phase, low-res offset + 1, tap]
+    for a, k in itertools.product(range(2), range(3)):
+        fold[a, (a + k - 1) // 2 + 1, k] = 1
+    taps = torch.einsum("amk,bnl,oikl->aboimn", fold, fold, weight.to(acc))  # [a, b, Cout, Cin, 3, 3]
+    if mode == "2x2":
+        taps = torch.stack([torch.stack([taps[a, b, :, :, a:a + 2, b:b + 2] for b in range(2)]) for a in range(2)])
+    elif mode != "3x3":
+        raise ValueError(f"subpixel_weight: mode {mode!r} is not '3x3' or '2x2'")
+    return taps.flatten(0, 2).to(weight.dtype)
+
+
+def _static_channels(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Mark the channel count of a compiled group's input static (one graph per width, like the groups
+    whose width comes from a parameter): with it symbolic, every element's index needs divisions by
+    runtime sizes, which made the pixel shuffle 6x slower than a copy on the H100. Eagerly a no-op."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static(t, dim)
+    return t
 
 
 class RMSNorm(nn.Module):
@@ -300,14 +454,19 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         r = self.residual
-        h = x if self.shortcut is None else self.shortcut(x)
-        # 1. norm, SiLU, causal conv (its bias is added inside the next norm's kernel)
-        x = _conv(r[2], _with_history(r[0].silu(x), self.slot, ctx), bias=False)
-        # 2. bias, norm, SiLU, (dropout), causal conv
-        x = _ops["bias_rms_norm_silu"](x, r[2].bias, r[3].gamma, r[3].scale)
-        x = _conv(r[6], _with_history(x, self.slot + 1, ctx), bias=False)
-        # 3. bias and residual in one pass
-        return _ops["bias_residual"](x, r[6].bias, h)
+        # the shortcut's bias joins the last conv's (added once, in step 3)
+        if self.shortcut is None:
+            h, bias = x, r[6].bias
+        else:
+            h, bias = _conv(self.shortcut, x, bias=False), _static_channels(r[6].bias + self.shortcut.bias, 0)
+        # 1. norm, SiLU into [history | .], causal conv (its bias is added inside the next norm's kernel)
+        x = _conv(r[2], _group_with_history("rms_norm_silu", self.slot, ctx, x, r[0].gamma, r[0].scale),
+                  bias=False)
+        # 2. bias, norm, SiLU, (dropout) into [history | .], causal conv
+        x = _group_with_history("bias_rms_norm_silu", self.slot + 1, ctx, x, r[2].bias, r[3].gamma, r[3].scale)
+        x = _conv(r[6], x, bias=False)
+        # 3. biases and residual in one pass
+        return _ops["bias_residual"](x, bias, h)
 
 
 class AttentionBlock(nn.Module):
@@ -330,7 +489,7 @@ class AttentionBlock(nn.Module):
         # 1. frames as images, norm, q/k/v: [b*t, 1, h*w, c] each
         y = self.norm(_to_images(x))
         qkv = self.to_qkv(y).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
-        q, k, v = qkv.chunk(3, dim=-1)
+        q, k, v = qkv.chunk(3, dim=-1)  # (channels-last: qkv is already contiguous, no copy)
         # 2. attention over the h*w positions of each frame
         y = F.scaled_dot_product_attention(q, k, v)
         # 3. back to images, projection, residual
@@ -340,7 +499,8 @@ class AttentionBlock(nn.Module):
 
 class Resample(nn.Module):
     """Wan's upsample3d (``time_conv`` 2x in time, then 2x nearest + 3x3 conv per frame) or upsample2d
-    (no ``time_conv``). ``resample.1`` halves the width."""
+    (no ``time_conv``). ``resample.1`` halves the width. The spatial part runs as a sub-pixel
+    convolution when ``set_subpixel_upsample`` says so (folded weights cached, parameters unchanged)."""
 
     def __init__(self, dim: int, temporal: bool, slot: int | None):
         super().__init__()
@@ -350,27 +510,45 @@ class Resample(nn.Module):
             nn.Conv2d(dim, dim // 2, 3, padding=1),
         )
         self.time_conv = nn.Conv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
+        self._folded = None  # (key, source storage kept alive so its address stays unique, folded weight)
+
+    def _subpixel_weight(self, mode: str, mf: torch.memory_format) -> torch.Tensor:
+        """``subpixel_weight`` of the conv, folded once per (weight tensor and version, mode, layout)."""
+        w = self.resample[1].weight
+        try:
+            version = w._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: fold every call
+            version = None
+        key = (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape), mode, mf)
+        if self._folded is None or version is None or self._folded[0] != key:
+            k = subpixel_weight(w.detach(), mode)
+            if mf == torch.channels_last_3d:
+                k = k.contiguous(memory_format=torch.channels_last)
+            self._folded = (key, w.detach(), k)
+        return self._folded[2]
 
     def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-        b, c, _, h, w = x.shape
+        b = x.shape[0]
+        cl = ctx.mf == torch.channels_last_3d
         if self.time_conv is not None:
-            # 1. temporal 2x: causal conv to 2C, the two halves become consecutive frames. On the
-            #    reference block 0 the first frame (latent 0's) passes through unchanged.
+            # 1. temporal 2x: causal conv to 2C, the two halves become consecutive frames (bias added in
+            #    the same kernel). On the reference block 0 the first frame (latent 0's) passes through
+            #    unchanged, placed in front by that kernel too.
             lead = x[:, :, :1] if ctx.bypass else None
             xs = x[:, :, 1:] if ctx.bypass else x
             if xs.shape[2] == 0:  # a 1-latent block 0: nothing to upsample in time; history stays zero
                 ctx.new[self.slot].zero_()
             else:
-                y = causal_conv(self.time_conv, xs, self.slot, ctx)
-                t = y.shape[2]
-                if ctx.mf == torch.channels_last_3d:  # physical [b, t, h, w, (2, c)] -> [b, (t, 2), h, w, c]
-                    y = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, c)).permute(0, 1, 4, 2, 3, 5)
-                    y = y.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
-                else:
-                    y = y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-                x = y if lead is None else torch.cat([lead, y], dim=2)
+                y = _static_channels(_conv(self.time_conv, _with_history(xs, self.slot, ctx), bias=False))
+                x = _ops["bias_interleave"](y, self.time_conv.bias, lead, cl)
         # 2. spatial 2x nearest and 3x3 conv, per frame
-        return _to_frames(self.resample(_to_images(x)), b)
+        images = _to_images(x)
+        mode = _subpixel_mode(images)
+        if mode == "off":
+            return _to_frames(self.resample(images), b)
+        conv = self.resample[1]
+        y = _static_channels(F.conv2d(images, self._subpixel_weight(mode, ctx.mf), None, 1, 1))
+        return _to_frames(_phases_to_images(_ops["bias_pixel_shuffle"](y, conv.bias, mode == "2x2", cl), cl), b)
 
 
 class Decoder3d(nn.Module):
@@ -410,8 +588,9 @@ class Decoder3d(nn.Module):
         # 3. upsampling stages
         for layer in self.upsamples:
             x = layer(x, ctx)
-        # 4. head: norm, SiLU, causal conv to RGB
-        return causal_conv(self.head[2], self.head[0].silu(x), self.head_slot, ctx)
+        # 4. head: norm, SiLU into [history | .], causal conv to RGB
+        x = _group_with_history("rms_norm_silu", self.head_slot, ctx, x, self.head[0].gamma, self.head[0].scale)
+        return _conv(self.head[2], x, bias=True)
 
 
 class WanVAEDecoder(nn.Module):
