@@ -232,6 +232,46 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
     return rows
 
 
+def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52)) -> dict:
+    """The DiT's Triton kernels at production shapes (one block of ``cfg``'s model, ``grid`` = frames and
+    patches per frame, bf16) against the eager groups that define them, both measured against an fp32
+    evaluation of the same groups: relative errors ``{group: [kernel, eager bf16]}`` (the kernel should be as
+    accurate as eager bf16). On CUDA, or on the CPU under Triton's interpreter (tests)."""
+    import os
+
+    from .models import dit_kernels, wan_dit
+
+    if not dit_kernels.AVAILABLE or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return {}
+    g = torch.Generator(device=device).manual_seed(1)
+    bf = dict(device=device, dtype=torch.bfloat16)
+    frames, gh, gw = grid
+    tpf, dim, heads, eps = gh * gw, cfg.dim, cfg.num_heads, cfg.eps
+    x, y = (torch.randn(frames, tpf, dim, generator=g, **bf) for _ in range(2))
+    gate, shift, scale = (0.3 * torch.randn(frames, 6, dim, generator=g, **bf)).unsqueeze(2).unbind(1)[:3]
+    qkv = torch.randn(frames * tpf, 3 * dim, generator=g, **bf)
+    q, k, v = qkv.chunk(3, -1)
+    wq, wk = (1 + 0.1 * torch.randn(dim, generator=g, **bf) for _ in range(2))
+    cos, sin = wan_dit.WanRoPE(cfg).to(device).factors(frames, gh, gw, frame_offset=9)
+
+    def rel(a, ref):
+        return float((a.float() - ref).norm() / ref.norm())
+
+    with torch.no_grad():
+        f32 = [t.float() for t in (x, y, gate, shift, scale)]
+        ref = wan_dit._gated_add_modulated_ln(*f32, eps)[1]
+        out = {"residual_ln": [rel(dit_kernels.residual_ln(x, y, gate, None, None, shift, scale, eps)[1], ref),
+                               rel(wan_dit._gated_add_modulated_ln(x, y, gate, shift, scale, eps)[1], ref)]}
+        kv = torch.empty(2, frames * tpf, heads, dim // heads, **bf)
+        fast = dit_kernels.qkv_to_cache(q, k, v, wq, wk, eps, cos, sin, heads, kv, 0)
+        ref_q, ref_k = (wan_dit._norm_rope(t.float(), w.float(), eps, cos, sin, heads) for t, w in ((q, wq), (k, wk)))
+        eager_q, eager_k = (wan_dit._norm_rope(t, w, eps, cos, sin, heads) for t, w in ((q, wq), (k, wk)))
+        out["qkv_to_cache q"] = [rel(fast, ref_q), rel(eager_q, ref_q)]
+        out["qkv_to_cache k"] = [rel(kv[0], ref_k), rel(eager_k, ref_k)]
+        out["qkv_to_cache v exact"] = bool(torch.equal(kv[1].flatten(1), v))
+    return {"kernels_rel_err": out}
+
+
 def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     """Graph replay equals eager execution: the same sdvg video prefix (accept/reject pattern fixed) with
     every component's CUDA graphs on, then off; committed latents and frames must be bit-identical (the
@@ -272,9 +312,11 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
                     generator=torch.Generator(device=device).manual_seed(0))
     ref = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
         x.float(), ffn[0].weight.float(), ffn[0].bias.float()), approximate="tanh"), ffn[2].weight.float(), ffn[2].bias.float())
-    fused, plain = _ffn(ffn, x).float(), ffn(x).float()
+    with torch.no_grad():
+        fused, plain = _ffn(ffn, x).float(), ffn(x).float()
     res["ffn_fused_rel_err"] = float((fused - ref).norm() / ref.norm())
     res["ffn_plain_rel_err"] = float((plain - ref).norm() / ref.norm())
+    res.update(kernel_check(rt._models["target"].cfg, device))
     log(f"  self-check (graph replay vs eager, {blocks} blocks, {dg}, {replays} graphs): latents equal {res['latents_equal']} "
         f"(max |diff| {res['latents_max_abs_diff']:.3g}), frames equal {res['frames_equal']}")
     return res
@@ -297,6 +339,11 @@ def markdown(res: dict) -> str:
                       f"latents bit-identical: {sc['latents_equal']}, frames identical: {sc['frames_equal']}; "
                       f"FFN with GELU in the GEMM epilogue vs fp32: {sc['ffn_fused_rel_err']:.2e} relative "
                       f"(plain bf16 modules: {sc['ffn_plain_rel_err']:.2e})"]
+        for group, (kern, eager) in (sc.get("kernels_rel_err") or {}).items():
+            if isinstance(kern, float):
+                lines.append(f"- Triton `{group}` vs fp32: {kern:.2e} relative (eager bf16 groups: {eager:.2e})")
+        if sc.get("kernels_rel_err"):
+            lines.append(f"- Triton `qkv_to_cache` V copy exact: {sc['kernels_rel_err']['qkv_to_cache v exact']}")
     lines += ["", "| mode | accept | frames | fps | first block s | speedup vs target | loop overhead | peak GiB | decisions |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["e2e"]:

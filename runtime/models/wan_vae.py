@@ -46,6 +46,7 @@ pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -358,6 +359,9 @@ def compile_elementwise(enabled: bool = True) -> None:
     eager. The activations are the largest tensors of the pipeline (up to 12 frames x 96 x 480 x 832),
     so each pass saved is worth about a millisecond. Compiled with dynamic shapes: the decoder meets about
     twenty (channels, frames, height, width) combinations, more than dynamo's recompile limit."""
+    # Inductor's value-range analysis of the dynamic shapes logs harmless warnings (an unsupported
+    # pow_by_natural range) while compiling; nothing a user can act on
+    logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
     for name, fn in _EAGER.items():
         _ops[name] = torch.compile(fn, dynamic=True, fullgraph=True) if enabled else fn
 
