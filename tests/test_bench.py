@@ -27,7 +27,8 @@ def test_kernel_check_reports_kernels_as_accurate_as_eager():
 
     if not dit_kernels.AVAILABLE:
         pytest.skip("needs triton (test extra)")
-    out = kernel_check(PRESETS["tiny-target"], torch.device("cpu"), grid=(2, 3, 4))["kernels_rel_err"]
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = kernel_check(PRESETS["tiny-target"], dev, grid=(2, 3, 4))["kernels_rel_err"]
     assert out.pop("qkv_to_cache v exact") is True
     assert set(out) == {"residual_ln", "qkv_to_cache q", "qkv_to_cache k"}
     for kern, eager in out.values():
