@@ -264,7 +264,9 @@ class SpeculativeLoop:
                 "check the VAE checkpoint and precision")
         rec.times_ms = self.timer.collect(rec.block)
         records.append(rec)
-        return BlockOutput(rec.block, self.frames_host[:rec.frames].numpy().copy(), rec)
+        # the caller owns its frames: a copy out of the pinned buffer (torch's copy runs on all intra-op
+        # threads; the GPU waits for this before the block's decision work is enqueued)
+        return BlockOutput(rec.block, self.frames_host[:rec.frames].clone().numpy(), rec)
 
     def committed_latents(self, blocks: int | None = None) -> torch.Tensor:
         """The committed latents [1, C, blocks*F, h, w] (a copy, for saving)."""
