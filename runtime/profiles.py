@@ -103,7 +103,7 @@ class Performance:
 
     attention: str = "auto"  # SDPA backend: auto (cuDNN first) | cudnn | flash | efficient | math
     cuda_graphs: bool = True  # one graph per (model, block index), VAE decode and scorer
-    compile: bool = True  # torch.compile the elementwise groups (norms, RoPE, modulation) into single kernels
+    compile: bool = True  # the elementwise groups as single kernels (DiT: Triton kernels; the rest: torch.compile)
 
 
 @dataclass(frozen=True)

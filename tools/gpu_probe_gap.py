@@ -52,7 +52,7 @@ att = probe.attention(slots.read_end) * 1e3
 print(f"floor {L * (lin + att):.1f} ms = {L} x (linear+cross {lin:.2f} + self-attention {att:.2f}) "
       f"= {L * lin:.1f} + {L * att:.1f}")
 
-H, D, n, S = m.cfg.num_heads, m.cfg.head_dim, slots.n, slots.read_end
+H, D, n, S = m.cfg.num_heads, m.cfg.head_dim, slots.read_end - slots.write_start, slots.read_end
 kv = step.cache.kv[0]
 qt = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16)
 views = (qt.transpose(0, 1)[None], kv[0, :S].transpose(0, 1)[None], kv[1, :S].transpose(0, 1)[None])
