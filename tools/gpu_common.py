@@ -28,6 +28,19 @@ def dit_step(preset: str, block: int = 3, t: float = 937.5):
     return m, step, probe
 
 
+def fast_dit_step(preset: str, block: int = 3):
+    """``dit_step`` on the runtime's GPU fast path: cuDNN attention, fused QKV, the compiled elementwise
+    groups (the DiT's Triton kernels)."""
+    from sdvg_rt.models import wan_dit
+    from sdvg_rt.models.attention import set_attention_backend
+
+    set_attention_backend("cudnn")
+    m, step, probe = dit_step(preset, block)
+    m.fuse_qkv()
+    wan_dit.compile_elementwise(True)
+    return m, step, probe
+
+
 def vae_block_decode():
     """``decode()``: the full-size VAE (channels-last, compiled norms, cuDNN autotuning) decoding a random
     3-latent block from a committed state, into the scratch state (what every draft costs)."""

@@ -1,18 +1,13 @@
 """GPU probe (development): VAE decode time after bias folding; kernel breakdown of one 14B forward."""
 import torch
 
-from gpu_common import dit_step, vae_block_decode
+from gpu_common import fast_dit_step, vae_block_decode
 from sdvg_rt.floor import cuda_time
-from sdvg_rt.models import wan_dit
-from sdvg_rt.models.attention import set_attention_backend
 
 print("VAE decode ms (bias folded):", cuda_time(vae_block_decode(), iters=5, warmup=2) * 1e3)
 torch.cuda.empty_cache()
 # 14B forward profile at block 3
-m, step, probe = dit_step("wan2.1-14b")
-m.fuse_qkv()
-wan_dit.compile_elementwise(True)
-set_attention_backend("cudnn")
+m, step, probe = fast_dit_step("wan2.1-14b")
 slots = step.cache.slots(3)
 with torch.no_grad():
     fn = step

@@ -12,15 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_common import dit_step, graph_of
+from gpu_common import fast_dit_step, graph_of
 from sdvg_rt.floor import cuda_time
-from sdvg_rt.models import wan_dit
-from sdvg_rt.models.attention import set_attention_backend
 
-set_attention_backend("cudnn")
-m, step, probe = dit_step("wan2.1-14b")
-m.fuse_qkv()
-wan_dit.compile_elementwise(True)
+m, step, probe = fast_dit_step("wan2.1-14b")
 slots = step.cache.slots(3)
 with torch.no_grad():
     g = graph_of(step)

@@ -18,10 +18,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from gpu_common import dit_step, graph_of  # noqa: E402
+from gpu_common import fast_dit_step, graph_of  # noqa: E402
 from sdvg_rt.floor import cuda_time  # noqa: E402
-from sdvg_rt.models import wan_dit  # noqa: E402
-from sdvg_rt.models.attention import set_attention_backend  # noqa: E402
 
 
 def kernels(g):
@@ -53,10 +51,7 @@ with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         print(f"  {name:10s} graph {per_call:7.3f} ms/call; kernels {ksum / 20:7.3f} ms/call "
               f"({n // 20} kernels + {nmem / 20:.0f} memsets per call); boundary {(per_call - ksum / 20) * 1e3:5.1f} us")
 
-set_attention_backend("cudnn")
-m, step, probe = dit_step("wan2.1-14b")
-m.fuse_qkv()
-wan_dit.compile_elementwise(True)
+m, step, probe = fast_dit_step("wan2.1-14b")
 with torch.no_grad():
     g = graph_of(step)
     t = cuda_time(g.replay, iters=7, warmup=2) * 1e3
