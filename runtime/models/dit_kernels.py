@@ -22,6 +22,8 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), wh
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -115,6 +117,11 @@ if AVAILABLE:
         tl.store(h_out + row * dim + offs, h.to(dtype), mask=m)
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device), e.g. a runtime on cuda:1."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check(name: str, t: torch.Tensor, shape: tuple, row_contiguous: bool = True) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, found {tuple(t.shape)}")
@@ -157,8 +164,9 @@ def qkv_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Te
                          f"must start at even offsets: {q.dtype}/{wq.dtype}/{wk.dtype}/{kv_layer.dtype}")
     h_pad, p_pad = triton.next_power_of_2(heads), triton.next_power_of_2(half_d)
     i32 = [t.view(torch.int32) for t in (q, k, v, q_out, k_out, v_out)]
-    _qkv_kernel[(n, 3)](*i32[:3], q.stride(0) // 2, wq, wk, cos, sin, *i32[3:], heads, dim, eps,
-                        HALF=half_d, H_PAD=h_pad, P_PAD=p_pad, num_warps=8 if h_pad * p_pad >= 2048 else 4)
+    with _on(q.device):
+        _qkv_kernel[(n, 3)](*i32[:3], q.stride(0) // 2, wq, wk, cos, sin, *i32[3:], heads, dim, eps,
+                            HALF=half_d, H_PAD=h_pad, P_PAD=p_pad, num_warps=8 if h_pad * p_pad >= 2048 else 4)
     return q_out
 
 
@@ -182,10 +190,11 @@ def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | No
     x_out = torch.empty_like(x) if y is not None else x
     h = torch.empty_like(x)
     block = triton.next_power_of_2(dim)
-    _residual_ln_kernel[(Fr * tpf,)](
-        x, y if y is not None else x, gate if gate is not None else x, weight if weight is not None else x,
-        bias if bias is not None else x, shift if shift is not None else x, scale if scale is not None else x,
-        x_out, h, tpf, *strides, dim, eps,
-        HAS_Y=y is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
-        MODULATED=scale is not None, BLOCK=block, num_warps=_num_warps(block))
+    with _on(x.device):
+        _residual_ln_kernel[(Fr * tpf,)](
+            x, y if y is not None else x, gate if gate is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, shift if shift is not None else x, scale if scale is not None else x,
+            x_out, h, tpf, *strides, dim, eps,
+            HAS_Y=y is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
+            MODULATED=scale is not None, BLOCK=block, num_warps=_num_warps(block))
     return x_out, h
