@@ -443,7 +443,7 @@ def apply_performance(prof: Profile, dev: torch.device, dits: dict) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     for model in dits.values():
-        model.fuse_qkv()
+        model.fuse_qk()
     wan_dit.compile_elementwise(perf.compile)
     wan_vae.compile_elementwise(perf.compile)
 

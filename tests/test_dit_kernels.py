@@ -22,28 +22,29 @@ def _rope(dim, heads, frames=2, h=3, w=4, offset=5):
 
 
 def _close(got, ref, dtype):
-    """fp32: rounding only; 16-bit: within 2 ulps at the reference's scale."""
-    tol = {torch.float32: 2e-6, torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}[dtype]
+    """fp32: rounding only; 16-bit: within 4 ulps at the reference's scale (the kernels round where the
+    eager code rounds, but Triton's CPU interpreter rounds fp32 -> 16-bit by truncation, not to nearest,
+    so an element can land 2-3 ulps away after two roundings)."""
+    tol = {torch.float32: 2e-6, torch.bfloat16: 4 * 2.0**-7, torch.float16: 4 * 2.0**-10}[dtype]
     err = (got.float() - ref.float()).abs().max().item()
     assert err <= tol * max(1.0, ref.float().abs().max().item()), err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp32: eager composition
 @pytest.mark.parametrize("heads,head_dim", [(3, 32), (2, 24)])  # 24: pairs per row not a power of two
-def test_qkv_to_cache_matches_eager(dtype, heads, head_dim):
+def test_qk_to_cache_matches_eager(dtype, heads, head_dim):
     dim, n, ws = heads * head_dim, 24, 7
-    q, k, v = torch.randn(n, 3 * dim, device=DEV).to(dtype).chunk(3, -1)  # strided rows, as after fuse_qkv
+    q, k = torch.randn(n, 2 * dim, device=DEV).to(dtype).chunk(2, -1)  # strided rows, as after fuse_qk
     wq, wk = torch.randn(dim, device=DEV).to(dtype), torch.randn(dim, device=DEV).to(dtype)
     cos, sin = _rope(dim, heads)
     kv = torch.full((2, 40, heads, head_dim), 7.0, device=DEV, dtype=dtype)
     kv_ref = kv.clone()
-    got = K.qkv_to_cache(q, k, v, wq, wk, 1e-6, cos, sin, heads, kv, ws)
-    ref = W._qkv_to_cache(q, k, v, wq, wk, 1e-6, cos, sin, heads, kv_ref, ws)
+    got = K.qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv, ws)
+    ref = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_ref, ws)
     _close(got, ref, dtype)
     _close(kv[0, ws:ws + n], kv_ref[0, ws:ws + n], dtype)
-    assert torch.equal(kv[1, ws:ws + n], kv_ref[1, ws:ws + n])  # v is copied, not computed
-    # slots outside [ws, ws + n) are untouched
-    assert (kv[:, :ws] == 7).all() and (kv[:, ws + n:] == 7).all()
+    # the value slots and the key slots outside [ws, ws + n) are untouched
+    assert (kv[1] == 7).all() and (kv[0, :ws] == 7).all() and (kv[0, ws + n:] == 7).all()
 
 
 def _mods(frames, dim, dtype):
@@ -72,18 +73,18 @@ def test_residual_ln_matches_each_eager_group(dtype, dim):
 
 def test_bad_inputs_name_the_tensor():
     dim, heads, n = 64, 2, 12
-    q, k, v = torch.randn(n, 3 * dim, device=DEV, dtype=torch.bfloat16).chunk(3, -1)
+    q, k = torch.randn(n, 2 * dim, device=DEV, dtype=torch.bfloat16).chunk(2, -1)
     w = torch.ones(dim, device=DEV, dtype=torch.bfloat16)
     cos, sin = _rope(dim, heads, 1, 3, 4)
     kv = torch.zeros(2, 20, heads, dim // heads, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="kv_layer"):
-        K.qkv_to_cache(q, k, v, w, w, 1e-6, cos, sin, heads, kv, 10)  # 10 + 12 > 20 slots
+        K.qk_to_cache(q, k, w, w, 1e-6, cos, sin, heads, kv, 10)  # 10 + 12 > 20 slots
     with pytest.raises(ValueError, match="cos"):
-        K.qkv_to_cache(q, k, v, w, w, 1e-6, cos[:6], sin, heads, kv, 0)
+        K.qk_to_cache(q, k, w, w, 1e-6, cos[:6], sin, heads, kv, 0)
     with pytest.raises(ValueError, match="k: expected shape"):
-        K.qkv_to_cache(q, k[:6], v, w, w, 1e-6, cos, sin, heads, kv, 0)
+        K.qk_to_cache(q, k[:6], w, w, 1e-6, cos, sin, heads, kv, 0)
     with pytest.raises(ValueError, match="one dtype"):
-        K.qkv_to_cache(q, k, v, w.float(), w, 1e-6, cos, sin, heads, kv, 0)
+        K.qk_to_cache(q, k, w.float(), w, 1e-6, cos, sin, heads, kv, 0)
     x = torch.randn(2, 6, dim, device=DEV)
     s = torch.randn(2, 1, dim, device=DEV)
     with pytest.raises(ValueError, match="modulation"):
@@ -95,10 +96,10 @@ def test_bad_inputs_name_the_tensor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_block_steps_with_kernels_match_eager(dtype):
     """Three cached block steps of the tiny model with every Triton group in place equal the eager model:
-    outputs and the whole KV cache (fp32: to rounding; bf16, where the q/k/v kernel runs: to bf16 noise)."""
+    outputs and the whole KV cache (fp32: to rounding; bf16, where the q/k kernel runs: to bf16 noise)."""
     model = W.WanDiT(W.PRESETS["tiny"]).eval().to(DEV)
     model.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
-    model.to(dtype).fuse_qkv()
+    model.to(dtype).fuse_qk()
     c = model.cfg
     ctx_kv = model.prepare_context(torch.randn(1, c.text_len, c.text_dim, device=DEV))
     caches = [KVCache(c.num_layers, c.num_heads, c.head_dim, 12, 3, 21, 0, dtype, DEV) for _ in range(2)]

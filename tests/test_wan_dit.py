@@ -280,9 +280,9 @@ def test_attention_matches_manual_softmax_and_backends():
         attn_mod.set_attention_backend("auto")
 
 
-def test_fused_qkv_keeps_keys_and_outputs():
-    """fuse_qkv: one GEMM, same outputs (fp32), same state-dict keys and values, no extra parameters."""
-    tiny = WanDiT(PRESETS["tiny"]).eval()  # own instance: fuse_qkv changes the module
+def test_fused_qk_keeps_keys_and_outputs():
+    """fuse_qk: one q/k GEMM, same outputs (fp32), same state-dict keys and values, no extra parameters."""
+    tiny = WanDiT(PRESETS["tiny"]).eval()  # own instance: fuse_qk changes the module
     tiny.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
     cfg = tiny.cfg
     ctx_kv = tiny.prepare_context(_context(1, cfg))
@@ -291,9 +291,9 @@ def test_fused_qkv_keeps_keys_and_outputs():
     cache = _cache(tiny, window=9)
     ref = tiny(x, t, ctx_kv, cache.kv, cache.slots(0)).clone()
     sd_before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    tiny.fuse_qkv()
+    tiny.fuse_qk()
     attn = tiny.blocks[0].self_attn
-    assert attn.q.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views, not copies
+    assert attn.q.weight.data_ptr() == attn.qk_weight.data_ptr()  # views, not copies
     sd_after = tiny.state_dict()
     assert sd_after.keys() == sd_before.keys()
     assert all(torch.equal(sd_after[k], sd_before[k]) for k in sd_before)

@@ -36,7 +36,7 @@ def fast_dit_step(preset: str, block: int = 3):
 
     set_attention_backend("cudnn")
     m, step, probe = dit_step(preset, block)
-    m.fuse_qkv()
+    m.fuse_qk()
     wan_dit.compile_elementwise(True)
     return m, step, probe
 

@@ -25,7 +25,7 @@ def dit(kind, preset, variants):
     ref = None
     for var in variants:
         if var == "fused":
-            m.fuse_qkv()
+            m.fuse_qk()
             t0 = time.time()
             wan_dit.compile_elementwise(True)
         for block in (0, 3, 6):

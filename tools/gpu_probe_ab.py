@@ -19,7 +19,7 @@ out_dir = os.environ.get("OUT", ".")
 results = {}
 for preset in sys.argv[1].split(",") if len(sys.argv) > 1 else ("wan2.1-14b", "wan2.1-1.3b"):
     m, step, probe = dit_step(preset)
-    m.fuse_qkv()
+    m.fuse_qk()
     slots = step.cache.slots(3)
     variants = {"inductor groups": False, "triton kernels": True}
     graphs, outs = {}, {}

@@ -1,7 +1,8 @@
 """GPU probe (development), micro-benchmarks at the 14B / 1.3B block shapes (4680 tokens):
 1. variants of the q/k/v epilogue kernel (RMSNorm + RoPE + cache writes) against a plain copy of the same
-   bytes, and their agreement with the eager composition ("e" is the landed ``dit_kernels._qkv_kernel``;
-   the others are the measured alternatives of docs/PERFORMANCE.md, kept so the numbers can be re-made);
+   bytes, and their agreement with the eager composition ("e" is the first landed kernel, which also
+   copied V; the others are the measured alternatives of docs/PERFORMANCE.md, kept so the numbers can be
+   re-made);
 2. GEMM weight layouts: F.linear (weight [out, in]) vs addmm with a pre-transposed [in, out] weight (the
    floor's layout), with bias and with the GELU epilogue;
 3. cuDNN SDPA with the cache's token-major views vs head-major contiguous tensors."""
@@ -14,7 +15,6 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sdvg_rt.floor import copy_bandwidth, cuda_time
-from sdvg_rt.models import dit_kernels as DK
 from sdvg_rt.models import wan_dit as W
 
 
@@ -80,6 +80,46 @@ def qkv_b(q_ptr, k_ptr, v_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ou
         s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
         y0, y1 = tl.split(y)
         out = tl.join(y0 * c - y1 * s, y0 * s + y1 * c).to(x.dtype)
+        if part == 0:
+            tl.store(q_out + dst, out, mask=m)
+        else:
+            tl.store(k_out + dst, out, mask=m)
+
+
+@triton.jit
+def qkv_e(q_ptr, k_ptr, v_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, v_out,
+          heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
+    """bf16 pairs packed in int32 words (pointers and in_stride in int32 units)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    hh = tl.arange(0, H_PAD)[:, None]
+    pp = tl.arange(0, P_PAD)[None, :]
+    offs = hh * HALF + pp
+    m = (hh < heads) & (pp < HALF)
+    src = row * in_stride + offs
+    dst = row * (dim // 2) + offs
+    if part == 2:
+        tl.store(v_out + dst, tl.load(v_ptr + src, mask=m), mask=m)
+    else:
+        if part == 0:
+            p = tl.load(q_ptr + src, mask=m, other=0)
+            w = tl.load(wq_ptr + offs, mask=m, other=0)
+        else:
+            p = tl.load(k_ptr + src, mask=m, other=0)
+            w = tl.load(wk_ptr + offs, mask=m, other=0)
+        x0 = (p << 16).to(tl.float32, bitcast=True)
+        x1 = (p & -65536).to(tl.float32, bitcast=True)
+        w0 = (w << 16).to(tl.float32, bitcast=True)
+        w1 = (w & -65536).to(tl.float32, bitcast=True)
+        rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+        y0 = ((x0 * rstd).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
+        y1 = ((x1 * rstd).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
+        pr = tl.arange(0, P_PAD)
+        c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+        s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+        b0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        b1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        out = b0 | (b1 << 16)
         if part == 0:
             tl.store(q_out + dst, out, mask=m)
         else:
@@ -153,11 +193,11 @@ def run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs):
         f = lambda: qkv_f[grid](i32(q), i32(k), i32(v), q.stride(0) // 2, wq, wk, cos, sin,
                                 i32(q_out), i32(ko), i32(vo), heads, dim, 1e-6, n,
                                 HALF=half, H_PAD=hp, P_PAD=pp, ROWS=rows, PARTS=parts, num_warps=nw)
-    else:  # "e": the landed kernel (dit_kernels), 32-bit words holding one rotated pair
+    else:  # "e": the first landed kernel (q, k and v by one kernel); now dit_kernels._qk_kernel does q and k
         i32 = lambda t: t.view(torch.int32)
-        f = lambda: DK._qkv_kernel[(n, 3)](i32(q), i32(k), i32(v), q.stride(0) // 2, wq, wk, cos, sin,
-                                           i32(q_out), i32(ko), i32(vo), heads, dim, 1e-6,
-                                           HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
+        f = lambda: qkv_e[(n, 3)](i32(q), i32(k), i32(v), q.stride(0) // 2, i32(wq), i32(wk), cos, sin,
+                                  i32(q_out), i32(ko), i32(vo), heads, dim, 1e-6,
+                                  HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
     f()
     return f, q_out
 
@@ -171,7 +211,8 @@ for dim, heads in ((5120, 40), (1536, 12)):
     rope = W.WanRoPE(W.WanDiTConfig("p", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).cuda()
     cos, sin = rope.factors(3, 30, 52, frame_offset=9)
     kv_ref = torch.zeros(2, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16)
-    q_ref = W._qkv_to_cache(q, k, v, wq, wk, 1e-6, cos, sin, heads, kv_ref, 0).reshape(n, dim)
+    q_ref = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_ref, 0).reshape(n, dim)
+    kv_ref[1].copy_(v.view(n, heads, dim // heads))
     nbytes = 2 * 3 * n * dim * 2
     dst = torch.empty(3 * n * dim, device="cuda", dtype=torch.bfloat16)
     tcopy = cuda_time(lambda: dst.copy_(qkv.view(-1)), iters=20) * 1e3

@@ -3,13 +3,14 @@
 Each kernel computes the same maths as its eager group in ``wan_dit`` (the definition), in fp32 with one
 rounding to the model dtype where the eager code rounds the residual stream or an output:
 
-- ``qkv_to_cache``: RMSNorm + 3D RoPE of q and k and the V copy, straight from the QKV GEMM's output
-  into q and the KV cache slots: one pass that replaces two norm+RoPE kernels and two cache copies
-  (the compiled norm+RoPE reached about 1.1 TB/s because of the pair shuffle). Each 32-bit word of a
-  16-bit row holds one rotated pair, so a row is a ``[heads, pairs]`` tile of words unpacked with bit
-  operations (no shuffles), and one ``head_dim/2`` row of the cos/sin tables serves every head. On the
-  H100 at 14B shapes: 148 us per call vs 182 us for a ``[pairs, 2]`` split/join kernel, 630 us for a
-  partner-gather kernel (``tools/gpu_probe_micro.py``).
+- ``qk_to_cache``: RMSNorm + 3D RoPE of q and k, straight from the q/k GEMM's output into q and the
+  layer's key slots: one pass that replaces two norm+RoPE kernels and a cache copy (the compiled
+  norm+RoPE reached about 1.1 TB/s because of the pair shuffle). Each 32-bit word of a 16-bit row holds
+  one rotated pair, so a row is a ``[heads, pairs]`` tile of words unpacked with bit operations (no
+  shuffles), and one ``head_dim/2`` row of the cos/sin tables serves every head. (V needs no kernel: its
+  GEMM writes the value slots, ``WanSelfAttention.write_kv``.) Kernel variants at 14B shapes, with V
+  copied by the same kernel (``tools/gpu_probe_micro.py``): 148 us for this layout vs 182 us for a
+  ``[pairs, 2]`` split/join kernel and 630 us for a partner-gather kernel.
 - ``residual_ln``: ``x + y * gate`` (each part optional), then a LayerNorm (affine or modulated by
   ``* (1 + scale) + shift``, per frame), returning the new residual and the normalised input of the next
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
@@ -44,48 +45,45 @@ def _num_warps(block: int) -> int:
 if AVAILABLE:
 
     @triton.jit
-    def _qkv_kernel(q_ptr, k_ptr, v_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, v_out,
-                    heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
-        """One token row of q, k or v (program axis 1). q/k/v and the outputs are int32 views: each word
-        holds the pair (2i, 2i+1) that RoPE rotates (little-endian: element 2i in the low half)."""
+    def _qk_kernel(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out,
+                   heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
+        """One token row of q or k (program axis 1). q/k and the outputs are int32 views: each word holds
+        the pair (2i, 2i+1) that RoPE rotates (little-endian: element 2i in the low half)."""
         dt = wq_ptr.dtype.element_ty  # the model's 16-bit dtype
         row = tl.program_id(0).to(tl.int64)
-        part = tl.program_id(1)  # 0: q, 1: k, 2: v
+        part = tl.program_id(1)  # 0: q, 1: k
         hh = tl.arange(0, H_PAD)[:, None]
         pp = tl.arange(0, P_PAD)[None, :]
         offs = hh * HALF + pp  # [heads, pairs per head] words of one row, padded to powers of two
         m = (hh < heads) & (pp < HALF)
         src = row * in_stride + offs
         dst = row * (dim // 2) + offs
-        if part == 2:
-            tl.store(v_out + dst, tl.load(v_ptr + src, mask=m), mask=m)
+        if part == 0:
+            word = tl.load(q_ptr + src, mask=m, other=0)
+            w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+            w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
         else:
-            if part == 0:
-                word = tl.load(q_ptr + src, mask=m, other=0)
-                w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-                w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-            else:
-                word = tl.load(k_ptr + src, mask=m, other=0)
-                w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-                w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-            x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-            x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
-            # Wan RMSNorm: normalise in fp32, cast back, times the weight in the model dtype (the fp32
-            # product of two model-dtype values is exact, so rounding it equals the model-dtype multiply);
-            # RoPE in fp32 with the angle of pair i of the head (one table row per token, for all heads)
-            y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
-            y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-            pr = tl.arange(0, P_PAD)
-            c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-            s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-            o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
-            out = o0 | (o1 << 16)
-            if part == 0:
-                tl.store(q_out + dst, out, mask=m)
-            else:
-                tl.store(k_out + dst, out, mask=m)
+            word = tl.load(k_ptr + src, mask=m, other=0)
+            w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+            w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+        x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+        # Wan RMSNorm: normalise in fp32, cast back, times the weight in the model dtype (the fp32 product
+        # of two model-dtype values is exact, so rounding it equals the model-dtype multiply); RoPE in
+        # fp32 with the angle of pair i of the head (one table row per token, for all heads)
+        y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
+        y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        pr = tl.arange(0, P_PAD)
+        c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+        s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+        o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
+        out = o0 | (o1 << 16)
+        if part == 0:
+            tl.store(q_out + dst, out, mask=m)
+        else:
+            tl.store(k_out + dst, out, mask=m)
 
     @triton.jit
     def _residual_ln_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, x_out, h_out,
@@ -129,26 +127,24 @@ def _check(name: str, t: torch.Tensor, shape: tuple, row_contiguous: bool = True
         raise ValueError(f"{name}: the last dimension must be contiguous, strides {t.stride()}")
 
 
-def qkv_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                 eps: float, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_layer: torch.Tensor,
-                 write_start: int) -> torch.Tensor:
-    """q/k/v ``[n, dim]`` (rows may be strided, e.g. chunks of one QKV output), norm weights ``[dim]``,
-    cos/sin ``[n, 1, D/2]`` fp32, kv_layer ``[2, S, H, D]``: writes RoPE(norm(k)) and v into
-    ``kv_layer[:, write_start:write_start+n]`` and returns RoPE(norm(q)) ``[n, H, D]``.
+def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_layer: torch.Tensor,
+                write_start: int) -> torch.Tensor:
+    """q/k ``[n, dim]`` (rows may be strided, e.g. chunks of one q/k GEMM output), norm weights ``[dim]``,
+    cos/sin ``[n, 1, D/2]`` fp32, kv_layer ``[2, S, H, D]``: writes RoPE(norm(k)) into
+    ``kv_layer[0, write_start:write_start+n]`` and returns RoPE(norm(q)) ``[n, H, D]``.
 
     The kernel handles 16-bit model dtypes (bf16, fp16: the production path); other dtypes (the fp32
-    reference) take the eager composition ``wan_dit._qkv_to_cache``."""
+    reference) take the eager composition ``wan_dit._qk_to_cache``."""
     n, dim = q.shape
     if q.element_size() != 2:
-        from .wan_dit import _qkv_to_cache
+        from .wan_dit import _qk_to_cache
 
-        return _qkv_to_cache(q, k, v, wq, wk, eps, cos, sin, heads, kv_layer, write_start)
+        return _qk_to_cache(q, k, wq, wk, eps, cos, sin, heads, kv_layer, write_start)
     half_d = dim // heads // 2
-    for name, t in (("k", k), ("v", v)):
-        _check(name, t, (n, dim))
-    if q.stride(0) != k.stride(0) or q.stride(0) != v.stride(0) or q.stride(1) != 1:
-        raise ValueError(f"q, k, v must share a row stride with contiguous rows: {q.stride()}, {k.stride()}, "
-                         f"{v.stride()}")
+    _check("k", k, (n, dim))
+    if q.stride(0) != k.stride(0) or q.stride(1) != 1:
+        raise ValueError(f"q and k must share a row stride with contiguous rows: {q.stride()}, {k.stride()}")
     _check("cos", cos, (n, 1, half_d))
     _check("sin", sin, (n, 1, half_d))
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32):
@@ -157,16 +153,16 @@ def qkv_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Te
             or not kv_layer[0].is_contiguous():
         raise ValueError(f"kv_layer must be a [2, S>={write_start + n}, H, D] cache layer with H*D={dim}, "
                          f"found shape {tuple(kv_layer.shape)} strides {kv_layer.stride()}")
-    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
-    k_out, v_out = kv_layer[0, write_start:write_start + n], kv_layer[1, write_start:write_start + n]
     if wq.dtype != q.dtype or wk.dtype != q.dtype or kv_layer.dtype != q.dtype or q.stride(0) % 2:
-        raise ValueError(f"qkv_to_cache: q/k/v, the norm weights and the cache must share one dtype and rows "
+        raise ValueError(f"qk_to_cache: q/k, the norm weights and the cache must share one dtype and rows "
                          f"must start at even offsets: {q.dtype}/{wq.dtype}/{wk.dtype}/{kv_layer.dtype}")
+    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
+    k_out = kv_layer[0, write_start:write_start + n]
     h_pad, p_pad = triton.next_power_of_2(heads), triton.next_power_of_2(half_d)
-    i32 = [t.view(torch.int32) for t in (q, k, v, q_out, k_out, v_out)]
+    i32 = [t.view(torch.int32) for t in (q, k, q_out, k_out)]
     with _on(q.device):
-        _qkv_kernel[(n, 3)](*i32[:3], q.stride(0) // 2, wq, wk, cos, sin, *i32[3:], heads, dim, eps,
-                            HALF=half_d, H_PAD=h_pad, P_PAD=p_pad, num_warps=8 if h_pad * p_pad >= 2048 else 4)
+        _qk_kernel[(n, 2)](*i32[:2], q.stride(0) // 2, wq, wk, cos, sin, *i32[2:], heads, dim, eps,
+                           HALF=half_d, H_PAD=h_pad, P_PAD=p_pad, num_warps=8 if h_pad * p_pad >= 2048 else 4)
     return q_out
 
 

@@ -204,20 +204,18 @@ def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Ten
     return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
-def _qkv_to_cache(q, k, v, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write_start: int):
-    """The cached path's q/k/v epilogue: RMSNorm + RoPE of k and the head split of v written into the
-    layer's cache slots ``kv_layer[:, write_start:write_start+n]``; returns RMSNorm + RoPE of q.
-    A composition of the ``norm_rope`` group (compiled or eager) and two copies; one Triton kernel on the
-    fast path."""
+def _qk_to_cache(q, k, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write_start: int):
+    """The cached path's q/k epilogue: RMSNorm + RoPE of k written into the layer's key slots
+    ``kv_layer[0, write_start:write_start+n]``; returns RMSNorm + RoPE of q. A composition of the
+    ``norm_rope`` group (compiled or eager) and a copy; one Triton kernel on the fast path."""
     n = q.shape[0]
     kv_layer[0, write_start:write_start + n].copy_(_ops["norm_rope"](k, wk, eps, cos, sin, heads))
-    kv_layer[1, write_start:write_start + n].copy_(v.view(n, heads, -1))
     return _ops["norm_rope"](q, wq, eps, cos, sin, heads)
 
 
 _EAGER = {"modulated_ln": _modulated_ln, "gated_add_ln": _gated_add_ln, "add_modulated_ln": _add_modulated_ln,
           "gated_add_modulated_ln": _gated_add_modulated_ln, "rms_norm": _rms_norm, "norm_rope": _norm_rope,
-          "qkv_to_cache": _qkv_to_cache}
+          "qk_to_cache": _qk_to_cache}
 
 
 def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +240,7 @@ def _triton_ops() -> dict:
         "add_modulated_ln": lambda x, y, shift, scale, eps: K.residual_ln(x, y, None, None, None, shift, scale, eps),
         "gated_add_modulated_ln":
             lambda x, y, gate, shift, scale, eps: K.residual_ln(x, y, gate, None, None, shift, scale, eps),
-        "qkv_to_cache": K.qkv_to_cache,
+        "qk_to_cache": K.qk_to_cache,
     }
 
 
@@ -267,7 +265,7 @@ def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
             _ops[name] = fn
 
 
-_COMPOSED = {"qkv_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
+_COMPOSED = {"qk_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,50 +289,58 @@ class _WanAttentionParams(nn.Module):
 class WanSelfAttention(_WanAttentionParams):
     """Self-attention over the block's tokens and the KV cache."""
 
-    def fuse_qkv(self) -> None:
-        """Make q/k/v weights and biases views into one [3*dim, dim] / [3*dim] tensor (no extra memory),
-        so the projection is one GEMM. Parameter names (checkpoint keys) are unchanged."""
-        if hasattr(self, "qkv_weight"):
+    def fuse_qk(self) -> None:
+        """Make the q and k weights and biases views into one [2*dim, dim] / [2*dim] tensor (no extra
+        memory), so their projection is one GEMM. Parameter names (checkpoint keys) are unchanged. (v keeps
+        its own GEMM: on the cached path it writes straight into the cache slots.)"""
+        if hasattr(self, "qk_weight"):
             return
         with torch.no_grad():
-            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-            b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            w = torch.cat([self.q.weight, self.k.weight])
+            b = torch.cat([self.q.bias, self.k.bias])
         d = self.q.weight.shape[0]
-        for i, lin in enumerate((self.q, self.k, self.v)):
+        for i, lin in enumerate((self.q, self.k)):
             lin.weight = nn.Parameter(w[i * d:(i + 1) * d], requires_grad=False)
             lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
-        self.qkv_weight, self.qkv_bias = w, b  # plain attributes: not in the state dict
+        self.qk_weight, self.qk_bias = w, b  # plain attributes: not in the state dict
 
-    def project_qkv(self, x: torch.Tensor):
-        """q, k, v ``[n, dim]``: one GEMM after ``fuse_qkv``, else three."""
-        if hasattr(self, "qkv_weight"):
-            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-        return self.q(x), self.k(x), self.v(x)
+    def project_qk(self, x: torch.Tensor):
+        """q, k ``[n, dim]``: one GEMM after ``fuse_qk``, else two."""
+        if hasattr(self, "qk_weight"):
+            return F.linear(x, self.qk_weight, self.qk_bias).chunk(2, dim=-1)
+        return self.q(x), self.k(x)
 
     def forward(self, x, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
         """x [n, dim]. With ``kv_layer`` ([2, S, H, D]) write K/V to [write_start, +n) and attend over
         [:read_end]; without it attend over this x only (reference path)."""
         n = x.shape[0]
-        q, k, v = self.project_qkv(x)
         # 1. q/k RMSNorm over the full dim, head split, RoPE at absolute positions; cached: k and v go
         #    straight into this call's cache slots and attention reads the valid prefix (no concat)
         if kv_layer is not None:
-            q = _ops["qkv_to_cache"](q, k, v, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
-                                     self.num_heads, kv_layer, write_start)
+            q = self.write_kv(x, rope, kv_layer, write_start)
             k, v = kv_layer[0, :read_end], kv_layer[1, :read_end]
         else:
+            q, k = self.project_qk(x)
             q = _ops["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
             k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
-            v = v.view(n, self.num_heads, self.head_dim)
-        # 3. attention and output projection
+            v = self.v(x).view(n, self.num_heads, self.head_dim)
+        # 2. attention and output projection
         return self.o(attention(q, k, v, mask).reshape(n, -1))
 
-
     def write_kv(self, x, rope, kv_layer, write_start):
-        """Only the cache write of ``forward`` (the last layer of a commit: nothing reads its output)."""
-        q, k, v = self.project_qkv(x)
-        _ops["qkv_to_cache"](q, k, v, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
-                             self.num_heads, kv_layer, write_start)
+        """The cache write of ``forward``: RoPE(norm(k)) and v into ``kv_layer[:, write_start:write_start+n]``;
+        returns RoPE(norm(q)) ``[n, H, D]``. (Alone: the last layer of a commit, whose output nothing reads.)"""
+        n = x.shape[0]
+        q, k = self.project_qk(x)
+        q = _ops["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
+                                self.num_heads, kv_layer, write_start)
+        v_slot = kv_layer[1, write_start:write_start + n]
+        if x.is_cuda and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # the GEMM (bias in its epilogue) writes straight into the contiguous [n, H, D] slot
+            torch.addmm(self.v.bias, x, self.v.weight.t(), out=v_slot.view(n, -1))
+        else:
+            v_slot.copy_(self.v(x).view(n, self.num_heads, self.head_dim))
+        return q
 
 
 class WanCrossAttention(_WanAttentionParams):
@@ -430,10 +436,10 @@ class WanDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.head.head.weight.dtype
 
-    def fuse_qkv(self) -> "WanDiT":
-        """One QKV GEMM per layer (weights become views of one tensor; call after loading)."""
+    def fuse_qk(self) -> "WanDiT":
+        """One q/k GEMM per layer (weights become views of one tensor; call after loading)."""
         for block in self.blocks:
-            block.self_attn.fuse_qkv()
+            block.self_attn.fuse_qk()
         return self
 
     # ---- per prompt --------------------------------------------------------------------------
