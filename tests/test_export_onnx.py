@@ -84,8 +84,19 @@ def test_dit_step_with_a_real_cache_prefix_matches_the_cached_torch_forward(tmp_
     assert saw == {(False, False), (True, False), (True, True)}  # empty past, head only, head + tail
 
 
+@pytest.mark.parametrize("subpixel", ["off", "2x2"])  # 2x2: what an export on a GPU contains ("auto")
 @torch.no_grad()
-def test_vae_threads_its_state_across_three_blocks(tmp_path):
+def test_vae_threads_its_state_across_three_blocks(tmp_path, subpixel):
+    from sdvg_rt.models.wan_vae import set_subpixel_upsample
+
+    set_subpixel_upsample(subpixel)
+    try:
+        _check_vae_export(tmp_path)
+    finally:
+        set_subpixel_upsample("auto")
+
+
+def _check_vae_export(tmp_path):
     geo = io_spec.Geometry(3, 2, 2, 9, 9, 0)
     vae = WanVAEDecoder(WanVAEConfig.from_name("tiny")).eval()
     first_io, step_io = (io_spec.vae_io(vae.config, geo, "fp32", f) for f in (True, False))

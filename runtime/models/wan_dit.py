@@ -247,7 +247,7 @@ def _triton_ops() -> dict:
 def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
     """The GPU fast path of the elementwise groups, or back to eager (``enabled=False``).
 
-    Enabled: the residual/LayerNorm groups and the q/k/v cache epilogue run as the Triton kernels of
+    Enabled: the residual/LayerNorm groups and the q/k cache epilogue run as the Triton kernels of
     ``dit_kernels`` (when ``triton`` and Triton is importable; CUDA tensors only), every other group as
     one ``torch.compile`` kernel. Shapes are static per model, so each compiles once per model size."""
     # Each model size adds a few shapes per group (block tokens, text rows); fused multi-block commits add
