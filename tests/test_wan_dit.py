@@ -299,5 +299,5 @@ def test_fused_qk_keeps_keys_and_outputs():
     assert all(torch.equal(sd_after[k], sd_before[k]) for k in sd_before)
     cache2 = _cache(tiny, window=9)
     out = tiny(x, t, ctx_kv, cache2.kv, cache2.slots(0))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # one GEMM vs three: summation order only
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # one q/k GEMM vs two: summation order only
     torch.testing.assert_close(cache2.kv, cache.kv, rtol=1e-5, atol=1e-5)

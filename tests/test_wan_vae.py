@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -290,8 +291,6 @@ def test_subpixel_conv_equals_nearest_upsample_then_conv(h, w, mode, channels_la
     assert got.shape == want.shape == (3, 5, 2 * h, 2 * w)
     assert (got - want).abs().max() < 1e-10
     assert got.is_contiguous(memory_format=mf)
-    if h > 1 and w > 1:  # the taps really are spread over the phases (a wrong phase map fails above)
-        assert k.abs().flatten(1).sum(1).min() > 0
 
 
 def test_subpixel_phase_map_on_a_single_pixel():
@@ -338,6 +337,7 @@ def test_subpixel_mode_switch():
     set_subpixel_upsample("auto")
     assert wan_vae._subpixel_mode(torch.zeros(1)) == "off"
     assert wan_vae._subpixel_mode(torch.zeros(1, device="meta")) == "off"
+    assert wan_vae._subpixel_mode(types.SimpleNamespace(is_cuda=True)) == "2x2"  # (only .is_cuda is read)
     with pytest.raises(ValueError, match="sub-pixel"):
         set_subpixel_upsample("4x4")
     assert wan_vae._subpixel["mode"] == "auto"

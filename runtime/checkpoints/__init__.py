@@ -3,4 +3,4 @@
 `core` holds safe reading and the strict key/shape check; one module per model family holds that
 family's formats and key maps (`wan_dit`, `wan_vae`, `imagereward`, `umt5`).
 """
-from .core import read_state_dict, strict_check, strip_prefix  # noqa: F401
+from .core import read_state_dict, strict_check  # noqa: F401

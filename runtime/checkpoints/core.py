@@ -5,9 +5,11 @@ Only safetensors and ``torch.load(weights_only=True)`` are used. Every failure r
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,18 +60,40 @@ def read_state_dict(path: str | os.PathLike, *, map_location: str = "cpu") -> di
     return dict(obj)
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; unreadable, invalid or not an object -> ``CheckpointError`` naming the
+    file."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot parse JSON of the {what} (not valid JSON: truncated or corrupt?): {e}",
+                              path=p) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"the {what} must hold a JSON object, found {type(obj).__name__}", path=p)
+    return obj
+
+
+def check_tensors(sd: Mapping, path: str | os.PathLike, what: str) -> None:
+    """Every value of a loaded state dict is a tensor (a flat dict); else ``CheckpointError`` naming the key."""
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"expected a flat dict of tensors ({what}); found a nested value",
+                                  path=Path(path), key=k, expected="tensor", found=type(v).__name__)
+
+
+def key_generator(seed: int, key: str) -> torch.Generator:
+    """The random stream of one tensor of a synthetic checkpoint: (seed, key) alone decide its values, so
+    a tensor can be drawn (or streamed to disk) without drawing the ones before it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
 def _can_mmap(p: Path) -> bool:
     # mmap needs the zip-based format (torch >= 1.6 default); legacy files fall back to a read.
     try:
         return zipfile.is_zipfile(p)
     except OSError:
         return False
-
-
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict:
-    """Remove ``prefix`` from every key that has it (keys without it are kept unchanged)."""
-    n = len(prefix)
-    return {(k[n:] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 def strict_check(

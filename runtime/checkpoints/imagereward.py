@@ -25,7 +25,7 @@ from ..models.imagereward import (
     ImageRewardConfig,
     ImageRewardTokenizer,
 )
-from .core import read_state_dict, strict_check
+from .core import check_tensors, read_json, read_state_dict, strict_check
 
 CHECKPOINT_NAME = "ImageReward.pt"
 MED_CONFIG_NAME = "med_config.json"
@@ -92,12 +92,7 @@ def read_med_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             "ImageReward med_config.json not found; put it beside ImageReward.pt (it comes from the "
             "THUDM/ImageReward repository) or pass its path", path=path)
-    try:
-        med = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"med_config.json is not valid JSON ({e})", path=path) from e
-    if not isinstance(med, dict):
-        raise CheckpointError("med_config.json must hold a JSON object", path=path)
+    med = read_json(path, "ImageReward med_config.json")
     fields = {}
     for name, (field, typ) in _MED_FIELDS.items():
         if name not in med:
@@ -183,11 +178,7 @@ def load_imagereward(folder_or_pt, med_config=None, vocab=None, *, device="cpu",
     med_fields = read_med_config(med_path)
     tokenizer = ImageRewardTokenizer(vocab_path)  # checks vocab.txt before the large read
     sd = read_state_dict(pt)
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(
-                "expected a flat state dict of tensors (the ImageReward module's state_dict)",
-                path=pt, key=k, expected="tensor", found=type(v).__name__)
+    check_tensors(sd, pt, "the ImageReward module's state_dict")
     if sd and all(k.startswith("module.") for k in sd):  # a DDP-wrapped save
         sd = {k[len("module."):]: v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not (k.startswith(UNUSED_PREFIXES) or k in UNUSED_KEYS)}

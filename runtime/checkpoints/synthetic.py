@@ -194,7 +194,3 @@ def make_synthetic_set(out: str | os.PathLike, size: str = "tiny", seed: int = 0
     return manifest
 
 
-def component_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """Absolute paths of each component of a set written by `make_synthetic_set` (for profiles/demos)."""
-    root = Path(out)
-    return {c: root / rel for c, rel in LAYOUT.items()}

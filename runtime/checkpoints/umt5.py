@@ -140,10 +140,7 @@ def load_text_encoder(pth: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     tokenizer = load_tokenizer(tokenizer_dir, cfg.vocab_size)
 
     model = build_umt5(cfg, "meta")
-    hf = {}
-    for k in list(sd):
-        hf[hf_key(k)] = sd.pop(k).to(device=device, dtype=dtype)
-    hf[_TIED_ALIAS] = hf["shared.weight"]
+    hf = to_hf({k: sd.pop(k).to(device=device, dtype=dtype) for k in list(sd)})  # one tensor moved at a time
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hf = {k: v for k, v in hf.items() if k in expected or k != _TIED_ALIAS}  # alias only if the class has it
     strict_check(expected, hf, pth, what="umT5 text encoder (transformers layout)")

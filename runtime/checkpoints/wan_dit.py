@@ -24,7 +24,6 @@ import os
 import re
 import struct
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.wan_dit import PRESETS, WanDiT, WanDiTConfig
-from .core import read_state_dict, strict_check
+from .core import check_tensors, key_generator, read_json, read_state_dict, strict_check
 
 FORMATS = ("self_forcing_pt", "krea_safetensors", "wan_folder", "diffusers_folder")
 
@@ -119,10 +118,6 @@ def diffusers_key_to_wan(key: str) -> str:
     return key
 
 
-def wan_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict:
-    return {wan_key_to_diffusers(k): v for k, v in sd.items()}
-
-
 def diffusers_to_wan(sd: Mapping[str, torch.Tensor]) -> dict:
     return {diffusers_key_to_wan(k): v for k, v in sd.items()}
 
@@ -207,17 +202,7 @@ def detect_dit_format(path) -> str:
         raise CheckpointError(
             "DiT folder has no config.json; expected an original Wan2.1 folder or a diffusers "
             "WanTransformer3DModel folder (its transformer/ subfolder)", path=p)
-    return "diffusers_folder" if _read_json(cfg_path).get("_class_name") == "WanTransformer3DModel" else "wan_folder"
-
-
-def _read_json(p: Path) -> dict:
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse JSON (truncated or corrupt?): {e}", path=p) from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"expected a JSON object, found {type(obj).__name__}", path=p)
-    return obj
+    return "diffusers_folder" if read_json(cfg_path, "model config").get("_class_name") == "WanTransformer3DModel" else "wan_folder"
 
 
 class _Source:
@@ -313,19 +298,18 @@ def _fill_source(src: _Source, path, use_ema: bool, device) -> tuple[str, _Sourc
     heads = None
     if fmt == "self_forcing_pt":
         sd = _pick_generator(read_state_dict(p, map_location="cpu"), use_ema, p)
+        check_tensors(sd, p, "the generator's state dict")
         for raw, v in sd.items():
-            if not isinstance(v, torch.Tensor):
-                raise CheckpointError(f"expected a tensor, found {type(v).__name__}", path=p, key=raw)
             src.add(_strip_model(raw), raw, v.shape, sd.__getitem__, p)
     elif fmt == "krea_safetensors":
         _open_safetensors(src, p, _strip_model, device)
     else:
-        conf = _read_json(p / "config.json")
+        conf = read_json(p / "config.json", "model config")
         key_map = diffusers_key_to_wan if fmt == "diffusers_folder" else (lambda k: k)
         heads = conf.get("num_attention_heads" if fmt == "diffusers_folder" else "num_heads")
         single, index = p / WEIGHTS_NAME, p / INDEX_NAME
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index, "shard index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError("index has no 'weight_map'", path=index)
             by_shard: dict[str, list[str]] = {}
@@ -390,7 +374,7 @@ def _synthetic_tensor(key: str, shape: tuple, cfg: WanDiTConfig, seed: int) -> t
     Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm weights ~ 1 + N(0, 0.1^2), modulation
     ~ N(0, 1/dim) (the official init): full-size random models keep O(1), finite bf16 activations.
     """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    g = key_generator(seed, key)
     x = torch.randn(shape, generator=g, dtype=torch.float32)
     if key.endswith("modulation"):
         return x / math.sqrt(cfg.dim)

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import os
-import zlib
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from ..models.wan_vae import (
     WanVAEConfig,
     WanVAEDecoder,
 )
-from .core import read_state_dict, strict_check
+from .core import check_tensors, key_generator, read_json, read_state_dict, strict_check
 
 FORMATS = ("wan_pth", "diffusers_folder")
 FILE_NAME = "Wan2.1_VAE.pth"
@@ -200,8 +199,8 @@ def load_vae_state_dict(path: str | os.PathLike) -> tuple[WanVAEConfig, dict[str
     p = Path(path)
     if detect_vae_format(p) == "diffusers_folder":
         return _load_diffusers_folder(p)
-    raw = _read(p)
-    _check_tensors(raw, p)
+    raw = read_state_dict(p)
+    check_tensors(raw, p, "the official VAE state dict")
     if "decoder.conv1.weight" not in raw and "decoder.conv_in.weight" in raw:
         raise CheckpointError(
             "this file has diffusers AutoencoderKLWan key names; give the diffusers folder (with "
@@ -223,26 +222,6 @@ def load_vae_decoder(path: str | os.PathLike, device="cpu", dtype: torch.dtype =
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     return model.to_channels_last() if channels_last else model
-
-
-def _read(path: Path) -> dict:
-    try:
-        return read_state_dict(path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # garbage can make the weights_only unpickler raise e.g. IndexError
-        raise CheckpointError(
-            f"cannot read checkpoint (corrupt, or not a checkpoint at all?): {type(e).__name__}: {e}", path=path
-        ) from e
-
-
-def _check_tensors(sd: dict, path: Path) -> None:
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(
-                "expected a flat dict of tensors (the official VAE state dict); found a nested value",
-                path=path, key=k, expected="tensor", found=type(v).__name__,
-            )
 
 
 def _need(sd: dict, key: str, path: Path, ndim: int) -> tuple:
@@ -322,14 +301,11 @@ def _load_diffusers_folder(folder: Path) -> tuple[WanVAEConfig, dict[str, torch.
                 f"diffusers AutoencoderKLWan folder is incomplete: {f.name} is missing (expected "
                 f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS})", path=f,
             )
-    try:
-        c = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {DIFFUSERS_CONFIG}: {e}", path=cfg_path) from e
-    if not isinstance(c, dict) or c.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+    c = read_json(cfg_path, f"{DIFFUSERS_CLASS} {DIFFUSERS_CONFIG}")
+    if c.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
         raise CheckpointError(
             f"{DIFFUSERS_CONFIG} is not an {DIFFUSERS_CLASS} config", path=cfg_path, key="_class_name",
-            expected=DIFFUSERS_CLASS, found=c.get("_class_name") if isinstance(c, dict) else type(c).__name__,
+            expected=DIFFUSERS_CLASS, found=c.get("_class_name"),
         )
     unsupported = {  # field: the only value this runtime's Wan2.1 decoder implements
         "is_residual": False, "patch_size": None, "in_channels": 3, "out_channels": 3, "attn_scales": [],
@@ -351,7 +327,7 @@ def _load_diffusers_folder(folder: Path) -> tuple[WanVAEConfig, dict[str, torch.
         tuple(reversed(c.get("temperal_downsample", [False, True, True]))),
         c.get("latents_mean"), c.get("latents_std"), cfg_path,
     )
-    raw = _read(weights)
+    raw = read_state_dict(weights)
     sd = {k: v for k, v in raw.items() if not (k.startswith(("encoder.", "quant_conv.")))}
     m = {k: v for k, v in diffusers_key_map(cfg).items() if k.startswith(("decoder.", "conv2."))}
     shapes = decoder_shapes(cfg)
@@ -375,7 +351,7 @@ def synthetic_vae_state_dict(cfg: WanVAEConfig, seed: int = 0, decoder_only: boo
     shapes = decoder_shapes(cfg) if decoder_only else official_shapes(cfg)
     sd = {}
     for k, shape in shapes.items():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
+        g = key_generator(seed, k)
         if k.endswith(".gamma"):
             t = torch.rand(shape, generator=g) + 0.5
         elif k.endswith(".bias"):

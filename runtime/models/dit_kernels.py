@@ -120,10 +120,10 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple, row_contiguous: bool = True) -> None:
+def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, found {tuple(t.shape)}")
-    if row_contiguous and t.stride(-1) != 1:
+    if t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dimension must be contiguous, strides {t.stride()}")
 
 

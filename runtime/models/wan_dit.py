@@ -216,18 +216,25 @@ def _qk_to_cache(q, k, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write
 _EAGER = {"modulated_ln": _modulated_ln, "gated_add_ln": _gated_add_ln, "add_modulated_ln": _add_modulated_ln,
           "gated_add_modulated_ln": _gated_add_modulated_ln, "rms_norm": _rms_norm, "norm_rope": _norm_rope,
           "qk_to_cache": _qk_to_cache}
+_COMPOSED = {"qk_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
+_ops = dict(_EAGER)
+
+
+def _cuda_fast_path(x: torch.Tensor) -> bool:
+    """CUDA tensors outside tracing/ONNX export: where the cuBLAS-only forms run (they have no ONNX
+    conversion; the plain modules export)."""
+    return x.is_cuda and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
 def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Linear, GELU(tanh), Linear. On CUDA the GELU runs in the first GEMM's cuBLASLt epilogue (bias +
-    tanh-GELU applied to the fp32 accumulator before rounding), which saves a pass over the 4x-wide
-    activation; elsewhere the plain modules."""
-    if not x.is_cuda or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return ffn(x)  # (export: ONNX has no conversion for the fused op; the plain modules export)
+    """Linear, GELU(tanh), Linear. On the CUDA fast path the GELU runs in the first GEMM's cuBLASLt
+    epilogue (bias + tanh-GELU applied to the fp32 accumulator before rounding), which saves a pass over
+    the 4x-wide activation; elsewhere the plain modules."""
+    if not _cuda_fast_path(x):
+        return ffn(x)
     x2 = x.reshape(-1, x.shape[-1])
     h = torch._addmm_activation(ffn[0].bias, x2, ffn[0].weight.t(), use_gelu=True)
     return ffn[2](h).view(*x.shape[:-1], -1)
-_ops = dict(_EAGER)
 
 
 def _triton_ops() -> dict:
@@ -263,9 +270,6 @@ def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
             _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True)
         else:
             _ops[name] = fn
-
-
-_COMPOSED = {"qk_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,9 +309,12 @@ class WanSelfAttention(_WanAttentionParams):
         self.qk_weight, self.qk_bias = w, b  # plain attributes: not in the state dict
 
     def project_qk(self, x: torch.Tensor):
-        """q, k ``[n, dim]``: one GEMM after ``fuse_qk``, else two."""
-        if hasattr(self, "qk_weight"):
-            return F.linear(x, self.qk_weight, self.qk_bias).chunk(2, dim=-1)
+        """q, k ``[n, dim]``: one GEMM after ``fuse_qk``, else two. (The fused GEMM is used only while the
+        q/k parameters are still views of it: a later ``load_state_dict(assign=True)`` or ``.to()``
+        replaces them, and then the two modules are the truth.)"""
+        w = getattr(self, "qk_weight", None)
+        if w is not None and self.q.weight.data_ptr() == w.data_ptr():
+            return F.linear(x, w, self.qk_bias).chunk(2, dim=-1)
         return self.q(x), self.k(x)
 
     def forward(self, x, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
@@ -335,7 +342,7 @@ class WanSelfAttention(_WanAttentionParams):
         q = _ops["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
                                 self.num_heads, kv_layer, write_start)
         v_slot = kv_layer[1, write_start:write_start + n]
-        if x.is_cuda and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if _cuda_fast_path(x):
             # the GEMM (bias in its epilogue) writes straight into the contiguous [n, H, D] slot
             torch.addmm(self.v.bias, x, self.v.weight.t(), out=v_slot.view(n, -1))
         else:

@@ -432,10 +432,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ops["rms_norm"](x, self.gamma, self.scale)
 
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """SiLU(norm(x)) as one group (one kernel once compiled)."""
-        return _ops["rms_norm_silu"](x, self.gamma, self.scale)
-
 
 class ResidualBlock(nn.Module):
     """``residual`` = RMS_norm, SiLU, CausalConv3d k3, RMS_norm, SiLU, Dropout, CausalConv3d k3 (indices
