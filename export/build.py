@@ -30,20 +30,21 @@ import torch
 
 import sdvg_rt
 from sdvg_rt import io_spec
-from sdvg_rt.backends.tensorrt_backend import tensorrt_module
+from sdvg_rt.backends.tensorrt_backend import engines_folder, tensorrt_module
 from sdvg_rt.errors import BackendUnavailableError, CheckpointError, OutOfMemoryError
 from sdvg_rt.manifest import (
-    HASH_CACHE_NAME, EngineRecord, Expected, HashCache, Manifest, PlanRecord, atomic_write_bytes,
+    HASH_CACHE_NAME, EngineRecord, Expected, HashCache, Manifest, PlanRecord,
     load_manifest, onnx_stale_reasons, plan_stale_reasons, rebuild_command, sha256_file, write_manifest,
 )
+from sdvg_rt.io_spec import DTYPES
 from sdvg_rt.profiles import REPO_ROOT, Profile, load_profile
+from sdvg_rt.video import atomic_write_bytes
 
 from . import onnx_export
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_ENGINES_DIR = REPO_ROOT / "engines"
 
 
@@ -92,7 +93,7 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     parts = io_spec.normalize_parts(opts.parts)
     ios = io_spec.engine_ios(prof, parts)
-    folder = Path(opts.engines_dir) / prof.name
+    folder = engines_folder(prof, opts.engines_dir)
     report = BuildReport(folder)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -28,11 +28,11 @@ import torch
 
 from .decide import check_mode, check_tau
 from .errors import BackendUnavailableError, BusyError, CheckpointError, OutOfMemoryError, SdvgError
+from .io_spec import DTYPES
 from .loop import BlockOutput, PreparedPrompt, SpeculativeLoop
 from .profiles import COMPONENTS, Profile, load_profile
 from .schedule import Schedule
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,14 @@ class Result:
 
 
 def tensorrt_status() -> tuple[bool, str]:
-    """(usable, detail). Uses ``hasattr(tensorrt, "Builder")``: a bare import can succeed on a stub package."""
+    """(usable, detail) from ``tensorrt_backend.tensorrt_module`` (a bare import can succeed on a stub)."""
+    from .backends.tensorrt_backend import tensorrt_module
+
     try:
-        import tensorrt  # noqa: PLC0415 - optional dependency, imported lazily
-    except Exception as e:  # noqa: BLE001 - any import failure means "not usable"
-        return False, f"not installed ({type(e).__name__}: {e})"
-    if not hasattr(tensorrt, "Builder"):
-        return False, "the tensorrt package has no Builder (a stub or broken install)"
-    return True, f"tensorrt {getattr(tensorrt, '__version__', '?')}"
+        trt = tensorrt_module()
+    except BackendUnavailableError as e:
+        return False, str(e)
+    return True, f"tensorrt {getattr(trt, '__version__', '?')}"
 
 
 def check_backend(component: str, name: str) -> None:
@@ -97,13 +97,13 @@ def memory_plan(profile: Profile) -> dict[str, int]:
     el = torch.empty((), dtype=dt).element_size()
     v = profile.video
     window, _ = profile.cache_geometry()
-    tpf = (v.latent_height // 2) * (v.latent_width // 2)
     out = {}
     for kind in ("drafter", "target"):
         try:
             cfg = WanDiTConfig.from_name(getattr(profile.models, kind))
         except ValueError:
             continue
+        tpf = (v.latent_height // cfg.patch_size[1]) * (v.latent_width // cfg.patch_size[2])
         params = sum(p.numel() for p in _meta_dit(cfg).parameters())
         out[f"{kind} weights"] = params * el
         out[f"{kind} KV cache"] = KVCache.nbytes(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, window, dt)
@@ -267,8 +267,9 @@ class Runtime:
         """Run every component once before serving, timed on its own: ``blocks`` blocks (default: the whole
         video, so every block index's CUDA graphs are captured here rather than inside a real generation)
         on an empty prompt with tau = +inf (target, draft, scratch decode, score, reject; the VAE's two
-        states alternate) and then -inf (accept, keep_scratch). Noise is keyed by (seed, block, step), so
-        warm-up cannot shift later outputs."""
+        states alternate) and then -inf (accept, keep_scratch), plus the drafter's block 0 of draft mode
+        (the one graph sdvg mode never uses). Noise is keyed by (seed, block, step), so warm-up cannot
+        shift later outputs."""
         self.allocate()
         blocks = self.profile.video.num_blocks if blocks is None else blocks
         cfg = _dit_config(self.profile, self._models, "drafter")
@@ -277,6 +278,8 @@ class Runtime:
         for tau in (float("inf"), float("-inf")):
             for _ in self.stream(empty, tau=tau, mode="sdvg", max_blocks=blocks):
                 pass
+        for _ in self.stream(empty, mode="draft", max_blocks=min(blocks, 1)):
+            pass
         self.timings["warmup_s"] = time.perf_counter() - t0
         return self.timings["warmup_s"]
 
@@ -462,7 +465,7 @@ def _build_loop(prof: Profile, models: dict, dev: torch.device, dtype: torch.dty
     if any(getattr(prof.backends, c) == "tensorrt" for c in COMPONENTS):
         from .backends.tensorrt_backend import build_components
 
-        comps = build_components(prof, dev)
+        comps = build_components(prof, dev, use_cuda_graphs=graphs)
     for kind in ("drafter", "target"):
         if kind not in comps:
             comps[kind] = TorchDenoiser(models[kind], kind, latent_shape=(v.frames_per_block, h, w),

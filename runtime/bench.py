@@ -14,15 +14,17 @@ on the tiny presets (used by the test suite; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .video import atomic_write_json
 
 SIZES = {
     "full": dict(drafter="wan2.1-1.3b", target="wan2.1-14b", vae="wan2.1", scorer="v1.0",
@@ -170,9 +172,9 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
         out[f"{kind}_commit_ms"] = _median_ms(lambda: den.commit_block(mid, den.out), device, repeats)
         if device.type == "cuda":
             m = rt._models[kind].cfg
-            tpf = (v.latent_height // 2) * (v.latent_width // 2)
-            probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, v.frames_per_block * tpf)
-            fwd = probe.forward((mid + 1) * v.frames_per_block * tpf)
+            tpb = den.cache.tokens_per_block
+            probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb)
+            fwd = probe.forward((mid + 1) * tpb)
             out[f"{kind}_block_floor_ms"] = 4 * fwd * 1e3
             out[f"{kind}_commit_floor_ms"] = fwd * 1e3
             out[f"{kind}_block_ratio"] = out[f"{kind}_block_ms"] / out[f"{kind}_block_floor_ms"]
@@ -237,8 +239,6 @@ def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52)) -> dict:
     patches per frame, bf16) against the eager groups that define them, both measured against an fp32
     evaluation of the same groups: relative errors ``{group: [kernel, eager bf16]}`` (the kernel should be as
     accurate as eager bf16). On CUDA, or on the CPU under Triton's interpreter (tests)."""
-    import os
-
     from .models import dit_kernels, wan_dit
 
     if not dit_kernels.AVAILABLE or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
@@ -387,10 +387,12 @@ def run(a: argparse.Namespace) -> int:
     md = markdown(res)
     print(md)
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.json)
+        atomic_write_json(a.json, res)
+    sc = res["self_check"]
+    if not (sc["latents_equal"] and sc["frames_equal"]):
+        print("SELF-CHECK FAILED: CUDA-graph replay differs from eager execution (see the table above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

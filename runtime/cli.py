@@ -92,14 +92,14 @@ def cmd_run(args) -> int:
     if blank:
         shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
         print(f"skipping {len(blank)} blank line(s) in {args.prompts}: line {shown}", file=sys.stderr)
-    overrides = {"tau": args.tau, "mode": args.mode, "seed": args.seed}
-    prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
-    out = Path(args.out)
+    out = Path(args.out)  # checked first: the demo profile may write its synthetic checkpoints
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot use {out} as the output folder ({e.strerror}); give --out a writable folder") \
             from None
+    overrides = {"tau": args.tau, "mode": args.mode, "seed": args.seed}
+    prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
 
     # 1. which prompts still need a video (resume: an mp4 + json pair means done)
     n = len(prompts)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,7 @@ class EngineIO:
     def nbytes(self, dims: Mapping[str, int] | None = None) -> dict[str, int]:
         """Bytes of every tensor for these axis values (default: the max of every axis)."""
         shapes = self.shapes(self.dims("max") if dims is None else dims)
-        return {t.name: _numel(shapes[t.name]) * t.torch_dtype.itemsize for t in self.tensors}
+        return {t.name: math.prod(shapes[t.name]) * t.torch_dtype.itemsize for t in self.tensors}
 
     def allocate(self, names, dims: Mapping[str, int] | None = None, device="cpu") -> dict[str, torch.Tensor]:
         """Preallocate buffers for ``names`` at the axis values ``dims`` (default: the max of every
@@ -144,12 +145,6 @@ class EngineIO:
     def hash(self) -> str:
         return sha256_json(self.to_json())
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --------------------------------------------------------------------------------------------------

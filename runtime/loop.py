@@ -277,7 +277,8 @@ class SpeculativeLoop:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every preallocated tensor of the loop and its components (memory accounting, tests)."""
         out = {"loop.latents": self.latents, "loop.status": self.status, "loop.status_host": self.status_host,
-               "loop.frames_dev": self.frames_dev, "loop.frames_host": self.frames_host}
+               "loop.frames_dev": self.frames_dev, "loop.frames_levels": self.frames_levels,
+               "loop.frames_host": self.frames_host}
         for name, comp in (("drafter", self.drafter), ("target", self.target), ("vae", self.decoder),
                            ("scorer", self.scorer)):
             out.update({f"{name}.{k}": v for k, v in comp.state_tensors().items()})

@@ -29,7 +29,9 @@ def _tmp(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file beside ``path``, fsync, then rename over it (parents created)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     try:
         with open(tmp, "wb") as f:

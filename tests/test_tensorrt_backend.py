@@ -20,6 +20,7 @@ import torch
 from sdvg_export.onnx_export import DiTContextGraph, DiTStepGraph, ScorerGraph, VAEFirstGraph, VAEStepGraph
 from sdvg_rt import io_spec
 from sdvg_rt.backends import tensorrt_backend as tb
+from sdvg_rt.backends.graphs import CudaGraphs
 from sdvg_rt.backends.torch_backend import TorchDecoder, TorchDenoiser, TorchScorer
 from sdvg_rt.errors import BackendUnavailableError, EngineMismatchError
 from sdvg_rt.models.imagereward import ImageReward, ImageRewardConfig
@@ -401,7 +402,7 @@ def test_graph_runner_warms_up_captures_replays_and_ends_a_failed_capture(monkey
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    runner = tb.GraphRunner(torch.device("cuda"), enabled=True)
+    runner = CudaGraphs(True, torch.device("cuda"))
     runner.run("a", lambda: events.append("body"))
     assert events == ["body", "begin", "body", "end"]  # eager warm-up, then the capture
     runner.run("a", lambda: events.append("body"))
@@ -417,7 +418,7 @@ def test_graph_runner_warms_up_captures_replays_and_ends_a_failed_capture(monkey
     with pytest.raises(tb.EngineRunError):
         runner.run("b", failing)
     assert events == ["begin", "end"] and "b" not in runner.graphs  # capture ended, nothing kept
-    assert not tb.GraphRunner(torch.device("cpu"), enabled=True).enabled
+    assert not CudaGraphs(True, torch.device("cpu")).enabled
 
 
 def test_missing_or_stub_tensorrt_is_backend_unavailable(monkeypatch):

@@ -19,7 +19,7 @@ themselves (io_spec), the VAE's history inputs to the committed state and its ou
 state (accepting a draft swaps the two: one binding set per parity), and the scorer reads the
 decoder's output buffer. Only the latent entering a commit or a decode is copied (600 KB).
 
-CUDA graphs (``GraphRunner``): one per (component, block index) for the denoiser (the 4 steps with
+CUDA graphs (``backends.graphs.CudaGraphs``): one per (component, block index) for the denoiser (the 4 steps with
 their re-noising, and the commit), one per (kind, parity) for the decoder, one per (N, source) for the
 scorer; the first call of a key runs eagerly (this flushes TensorRT's deferred setup, which must not
 be captured), then the same work is captured; later calls replay it. A capture that fails ends the
@@ -32,8 +32,9 @@ PyPI placeholder), raises ``BackendUnavailableError`` naming what is installed. 
 """
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from ..errors import BackendUnavailableError, EngineMismatchError, OutOfMemoryEr
 from ..kv_cache import KVCache
 from ..noise import NoiseStream
 from ..schedule import Schedule, renoise_, x0_from_flow_
+from .graphs import CudaGraphs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -81,7 +83,7 @@ def tensorrt_module():
         ) from None
     if not hasattr(tensorrt, "Builder"):
         raise BackendUnavailableError(
-            "`import tensorrt` finds no TensorRT library, only "
+            "`import tensorrt` finds no TensorRT library (no tensorrt.Builder), only "
             f"{installed_tensorrt_packages() or 'an empty namespace package'} (type stubs or a PyPI placeholder "
             "that could not download the real wheel). Install TensorRT 10.x/11.x with its libraries, or set the "
             "component's backend to torch (for builds: --onnx-only)")
@@ -281,54 +283,6 @@ def current_stream(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# CUDA graphs
-
-class GraphRunner:
-    """Run ``body`` directly, or as one CUDA graph per key on the GPU.
-
-    First call of a key: one eager run (the call's real work, and the warm-up TensorRT needs before
-    capture: its first enqueue after binding does deferred setup), then the same body is captured on a
-    side stream into a graph sharing one memory pool (bodies write only into preallocated buffers, so
-    their temporaries are dead after each replay and graphs never run concurrently). Later calls
-    replay. If the body raises during capture, the capture is ended before the error propagates.
-    """
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.device = device
-        self.enabled = enabled and device.type == "cuda"
-        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
-        self._stream = torch.cuda.Stream(device) if self.enabled else None
-
-    def run(self, key, body: Callable[[], None]) -> None:
-        g = self.graphs.get(key)
-        if g is not None:
-            g.replay()
-            return
-        body()
-        if self.enabled:
-            self.graphs[key] = self._capture(body)
-
-    def _capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        assert self._stream is not None
-        g = torch.cuda.CUDAGraph()
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            g.capture_begin(pool=self._pool)
-            try:
-                body()
-            except BaseException:
-                try:
-                    g.capture_end()
-                except Exception:  # noqa: BLE001 - the capture is invalid anyway; the body's error matters
-                    pass
-                raise
-            g.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return g
-
-
-# --------------------------------------------------------------------------------------------------
 # Components
 
 class TrtDenoiser:
@@ -367,7 +321,7 @@ class TrtDenoiser:
         self.sigmas = schedule.sigmas
         self._rope_tables = WanRoPE(cfg).to(dev)
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs = GraphRunner(self.device, use_cuda_graphs)
+        self.graphs = CudaGraphs(use_cuda_graphs, self.device)
         self.context_engine.bind("prompt", {"context": self.context, "ctx_kv": self.ctx_kv}, memory)
         for b in range(num_blocks):  # bind (and validate) every block of a video at load time
             self._bind_block(b)
@@ -485,7 +439,7 @@ class TrtDecoder:
                        "step": torch.zeros(shapes["frames"], dtype=dt, device=dev)}
         self.parity = 0
         self._scratch_ready = False
-        self.graphs = GraphRunner(dev, use_cuda_graphs)
+        self.graphs = CudaGraphs(use_cuda_graphs, dev)
         for out in (0, 1):
             self.first.bind(("first", out), self._tensors("first", None, out), memory)
             self.step.bind(("step", 1 - out, out), self._tensors("step", 1 - out, out), memory)
@@ -519,14 +473,13 @@ class TrtDecoder:
         """Decode a block from the committed state into the scratch state (the committed one is only read)."""
         self.z.copy_(z)
         out = 1 - self.parity
-        stream = current_stream(self.device)
         if block == 0:
             key: tuple = ("first", out)
-            self.graphs.run(key, lambda: self.first.enqueue(key, stream))
+            self.graphs.run(key, lambda: self.first.enqueue(key, current_stream(self.device)))
             frames = self.frames["first"]
         else:
             key = ("step", self.parity, out)
-            self.graphs.run(key, lambda: self.step.enqueue(key, stream))
+            self.graphs.run(key, lambda: self.step.enqueue(key, current_stream(self.device)))
             frames = self.frames["step"]
         self._scratch_ready = True
         return frames
@@ -575,9 +528,9 @@ class TrtScorer:
         self.frame_shape = shapes["frames"][3:]
         self.ids = torch.zeros(shapes["ids"], dtype=torch.int64, device=self.device)
         self.mask = torch.zeros(shapes["mask"], dtype=torch.int64, device=self.device)
-        self._frames = torch.zeros(_numel(shapes["frames"]), dtype=self.frames_dtype, device=self.device)
+        self._frames = torch.zeros(math.prod(shapes["frames"]), dtype=self.frames_dtype, device=self.device)
         self._rewards = torch.zeros(self.n_max, dtype=torch.float32, device=self.device)
-        self.graphs = GraphRunner(self.device, use_cuda_graphs)
+        self.graphs = CudaGraphs(use_cuda_graphs, self.device)
 
     def prepare(self, prompt: str) -> None:
         ids, mask = self.tokenizer(prompt)
@@ -592,24 +545,17 @@ class TrtScorer:
         if frames.dtype == self.frames_dtype and frames.is_contiguous() and aligned:
             src = frames
         else:
-            src = self._frames[: _numel(frames.shape)].view(frames.shape)
+            src = self._frames[: math.prod(frames.shape)].view(frames.shape)
             src.copy_(frames)
         key = (n, src.data_ptr())
         rewards = self._rewards[:n]
         self.engine.bind(key, {"frames": src, "ids": self.ids, "mask": self.mask, "rewards": rewards}, self.memory)
-        stream = current_stream(self.device)
-        self.graphs.run(key, lambda: self.engine.enqueue(key, stream))
+        self.graphs.run(key, lambda: self.engine.enqueue(key, current_stream(self.device)))
         return rewards
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"ids": self.ids, "mask": self.mask, "frames": self._frames, "rewards": self._rewards}
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,44 +19,7 @@ import torch
 from ..kv_cache import KVCache
 from ..noise import NoiseStream
 from ..schedule import Schedule, renoise_, x0_from_flow_
-
-
-class CudaGraphs:
-    """CUDA graphs keyed by a host value (a block index, a state parity, ...), captured on first use.
-
-    ``run(key, fn)``: the first call of a key runs ``fn`` eagerly on a side stream (warm-up: cuDNN/cuBLAS
-    plans, compiled kernels), captures it, and replays it; later calls only replay. Disabled (CPU, or
-    ``performance.cuda_graphs: false``) it just calls ``fn``.
-
-    Contract that makes one shared memory pool safe whatever order graphs replay in: ``fn`` reads and
-    writes only tensors allocated outside any graph (the component's preallocated buffers, caches and
-    states); whatever it allocates is scratch, dead when it returns. Host values a graph bakes in (a block
-    index, slot offsets, sigmas) are part of its key.
-    """
-
-    def __init__(self, enabled: bool, device=None):
-        self.enabled = bool(enabled)
-        self.graphs: dict = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
-        self.device = device
-
-    def run(self, key, fn) -> None:
-        if not self.enabled:
-            fn()
-            return
-        g = self.graphs.get(key)
-        if g is None:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                fn()  # warm-up, and this call's real work (the capture below does not execute)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                fn()
-            self.graphs[key] = g
-            return  # the warm-up already did the work; a replay now would repeat it (harmless but wasted)
-        g.replay()
+from .graphs import CudaGraphs
 
 
 class TorchDenoiser:
@@ -82,7 +45,7 @@ class TorchDenoiser:
         self.work = torch.zeros(shape, dtype=torch.float32, device=device)
         self.out = torch.zeros(shape, dtype=dtype, device=device)  # the block's clean latent
         self.commit_in = torch.zeros(shape, dtype=dtype, device=device)  # static input of the commit graphs
-        self.graphs = CudaGraphs(graphs and self.device.type == "cuda", self.device)
+        self.graphs = CudaGraphs(graphs, self.device)
         self.noise = NoiseStream(shape, schedule.num_steps, device)
         self.t = schedule.timestep_table(frames, device)  # [steps + 1, F]; last row: t = 0 (commit)
         self.t_commit = torch.zeros(frames * self.cache.window_blocks, dtype=torch.float32, device=device)
@@ -179,12 +142,11 @@ class TorchDecoder:
         self.stream = stream
         dec = stream.decoder
         dev = next(dec.parameters()).device
-        self.graphs = CudaGraphs(graphs and dev.type == "cuda", dev)
+        self.graphs = CudaGraphs(graphs, dev)
         self.z_in = self.frames_out = None
-        if self.graphs.enabled:
-            cfg, z = dec.config, stream.committed.slots[0]  # slot 0 is [1, z_dim, 2, h, w]
-            _, c, _, h, w = z.shape
-            self._shape = (c, h, w, cfg, z.dtype, dev)
+        cfg, z = dec.config, stream.committed.slots[0]  # slot 0 is [1, z_dim, 2, h, w]
+        _, c, _, h, w = z.shape
+        self._shape = (c, h, w, cfg, z.dtype, dev)
 
     def reset(self) -> None:
         self.stream.reset()
@@ -223,8 +185,7 @@ class TorchDecoder:
         return frames
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        fn = getattr(self.stream, "state_tensors", None)
-        out = dict(fn()) if fn is not None else {}
+        out = self.stream.state_tensors()
         if self.z_in is not None:
             out.update({"z_in": self.z_in, **{f"frames_out_{k}": v for k, v in self.frames_out.items()}})
         return out
@@ -238,7 +199,7 @@ class TorchScorer:
         n = model.cfg.text_length
         self.ids = torch.zeros(1, n, dtype=torch.int64, device=device)
         self.mask = torch.zeros(1, n, dtype=torch.int64, device=device)
-        self.graphs = CudaGraphs(graphs and torch.device(device).type == "cuda", torch.device(device))
+        self.graphs = CudaGraphs(graphs, device)
         self.out: dict = {}  # static outputs per captured input (frames buffers are static: the decoder's)
 
     def prepare(self, prompt: str) -> None:

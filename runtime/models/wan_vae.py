@@ -722,6 +722,10 @@ class VAEStream:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._states)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Both preallocated states' slots by (state index, slot) (memory accounting and tests)."""
+        return {f"state{p}.{j}": t for p, st in enumerate(self._states) for j, t in enumerate(st.slots)}
+
     @property
     def committed(self) -> VAEState:
         return self._states[self.parity]

@@ -1,0 +1,57 @@
+"""CUDA graphs keyed by a host value (a block index, a state parity, ...), captured on first use; shared by
+the torch and TensorRT backends."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class CudaGraphs:
+    """``run(key, fn)``: the first call of a key runs ``fn`` eagerly on a side stream (this call's real
+    work, and the warm-up: cuDNN/cuBLAS plans, compiled kernels, TensorRT's deferred setup on its first
+    enqueue), then captures ``fn`` on the same stream; later calls replay. If ``fn`` raises during the
+    capture, the capture is ended before the error propagates and nothing is kept. Disabled (not CUDA,
+    or ``performance.cuda_graphs: false``; ``enabled`` may be flipped later, as the benchmark's
+    self-check does) it just calls ``fn``.
+
+    Contract that makes one shared memory pool safe whatever order graphs replay in: ``fn`` reads and
+    writes only tensors allocated outside any graph (the component's preallocated buffers, caches and
+    states); whatever it allocates is scratch, dead when it returns. Host values a graph bakes in (a block
+    index, slot offsets, sigmas, stream handles read inside ``fn``) are part of its key.
+    """
+
+    def __init__(self, enabled: bool, device):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.enabled = bool(enabled) and self.device.type == "cuda"
+        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self._pool = self._stream = None
+
+    def run(self, key, fn: Callable[[], None]) -> None:
+        if not self.enabled:
+            fn()
+            return
+        g = self.graphs.get(key)
+        if g is not None:
+            g.replay()
+            return
+        if self._stream is None:
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            fn()  # warm-up, and this call's real work (the capture below does not execute)
+            g = torch.cuda.CUDAGraph()
+            g.capture_begin(pool=self._pool)
+            try:
+                fn()
+            except BaseException:
+                try:
+                    g.capture_end()
+                except Exception:  # noqa: BLE001 - the capture is invalid anyway; fn's error matters
+                    pass
+                raise
+            g.capture_end()
+        current.wait_stream(self._stream)
+        self.graphs[key] = g
