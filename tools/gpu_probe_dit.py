@@ -21,7 +21,7 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     presets = {"drafter": "wan2.1-1.3b", "target": "wan2.1-14b"}
     for kind in a.models.split(","):
-        _, step, probe = dit_step(presets[kind])
+        m, step, probe = dit_step(presets[kind])
         for be in a.backends.split(","):
             set_attention_backend(be)
             probe.backend = be
@@ -44,7 +44,7 @@ def main():
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
         res[f"{kind}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        step = None  # free the model (the step closure holds it)
+        m = step = None  # free the model (the step closure holds it too)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print("\n| model | attn | block | kv | eager ms | graph ms | floor ms | graph/floor |")

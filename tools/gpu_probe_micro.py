@@ -217,7 +217,7 @@ for dim, heads in ((5120, 40), (1536, 12)):
     dst = torch.empty(3 * n * dim, device="cuda", dtype=torch.bfloat16)
     tcopy = cuda_time(lambda: dst.copy_(qkv.view(-1)), iters=20) * 1e3
     print(f"dim {dim}: plain copy of the same bytes {tcopy * 1e3:.0f} us ({nbytes / tcopy / 1e9:.2f} TB/s)")
-    for name in ("e", "f11", "f21", "f41", "f13", "f23"):
+    for name in ("a", "b", "e", "f11", "f21", "f41", "f13", "f23"):
         for nw in (4, 8, 16):
             kvs = torch.zeros(2, n, dim, device="cuda", dtype=torch.bfloat16)
             try:
@@ -251,7 +251,6 @@ for name, x, N in (("qkv 5120->15360", x5, 15360), ("o 5120->5120", x5, 5120), (
         g2 = cuda_time(lambda: torch._addmm_activation(b, x, wt, use_gelu=True), iters=10) * 1e6
         line += f"   gelu epilogue: [out,in] {g1:7.0f} | [in,out] {g2:7.0f}"
     print(line)
-    del w, wt
 
 H, D, n, S = 40, 128, 4680, 18720
 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.no_grad():
