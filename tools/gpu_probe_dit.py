@@ -44,7 +44,7 @@ def main():
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
         res[f"{kind}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        m = step = None  # free the model (the step closure holds it too)
+        del m, step  # free the model (the step closure holds it too)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print("\n| model | attn | block | kv | eager ms | graph ms | floor ms | graph/floor |")
