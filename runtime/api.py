@@ -431,13 +431,13 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
 
 def apply_performance(prof: Profile, dev: torch.device, dits: dict) -> None:
     """The torch backend's GPU fast path (profile section ``performance``), chosen once at load:
-    the SDPA backend, one q/k GEMM per layer (v's GEMM writes the cache), and the elementwise groups of the DiT and VAE compiled into
+    the attention implementation, one q/k GEMM per layer (v's GEMM writes the cache), and the elementwise groups of the DiT and VAE compiled into
     single kernels. On CPU only the attention choice applies (everything else stays eager)."""
     from .models import wan_dit, wan_vae
     from .models.attention import set_attention_backend
 
     perf = prof.performance
-    set_attention_backend(perf.attention)
+    set_attention_backend(perf.attention, dev)
     if dev.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions: pick the fastest algorithm once

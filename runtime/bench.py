@@ -104,8 +104,9 @@ def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
-def build_runtime(size: str, device: torch.device, log=print):
-    """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder)."""
+def build_runtime(size: str, device: torch.device, log=print, attention: str | None = None):
+    """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder);
+    ``attention`` overrides the profile's ``performance.attention``."""
     from .api import Runtime, apply_performance
     from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
     from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
@@ -117,6 +118,8 @@ def build_runtime(size: str, device: torch.device, log=print):
                                   width=s["width"], height=s["height"], latent_frames=s["latent_frames"],
                                   window_frames=s["latent_frames"], sink_frames=0, name=f"bench-{size}",
                                   precision="bf16" if device.type == "cuda" else "fp32")
+    if attention is not None:
+        prof = prof.replace(attention=attention)
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     models = {}
@@ -154,6 +157,7 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
     """Median ms of each component at the mean context of the video (block n//2) and its floor."""
     from .floor import FloorProbe
     from .loop import PreparedPrompt
+    from .models.attention import attention_implementation
 
     loop, prof = rt.loop, rt.profile
     v = prof.video
@@ -173,10 +177,15 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
         if device.type == "cuda":
             m = rt._models[kind].cfg
             tpb = den.cache.tokens_per_block
-            probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb)
+            impl = attention_implementation()
+            probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb,
+                               backend="fa4" if impl == "fa4" else "cudnn")
             fwd = probe.forward((mid + 1) * tpb)
             out[f"{kind}_block_floor_ms"] = 4 * fwd * 1e3
             out[f"{kind}_commit_floor_ms"] = fwd * 1e3
+            if impl == "fa4":  # also the specs' floor (cuDNN attention), for comparison with earlier runs
+                cudnn = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb, backend="cudnn")
+                out[f"{kind}_block_floor_cudnn_ms"] = 4 * cudnn.forward((mid + 1) * tpb) * 1e3
             out[f"{kind}_block_ratio"] = out[f"{kind}_block_ms"] / out[f"{kind}_block_floor_ms"]
             out[f"{kind}_commit_ratio"] = out[f"{kind}_commit_ms"] / out[f"{kind}_commit_floor_ms"]
         log(f"  {kind}: block {out[f'{kind}_block_ms']:.1f} ms, commit {out[f'{kind}_commit_ms']:.1f} ms")
@@ -323,13 +332,21 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
 
 def markdown(res: dict) -> str:
     c = res["components"]
-    lines = [f"Device: {res['device']}, torch {res['torch']}, size {res['size']}, {res['date']}", "",
+    impl = res.get("attention_impl", "sdpa")
+    lines = [f"Device: {res['device']}, torch {res['torch']}, size {res['size']}, {res['date']}, attention "
+             f"{impl} (profile: {res['attention']}); floor = cuBLAS GEMMs + "
+             f"{'FlashAttention-4' if impl == 'fa4' else 'cuDNN SDPA'} at the same shapes", "",
              "| component | median ms | floor ms | ratio |", "|---|---|---|---|"]
     for k, label in (("drafter_block", "drafter block (4 steps)"), ("target_block", "target block (4 steps)"),
                      ("drafter_commit", "drafter commit forward"), ("target_commit", "target commit forward")):
         f = c.get(f"{k}_floor_ms")
         lines.append(f"| {label} | {c[f'{k}_ms']:.1f} | {'' if f is None else f'{f:.1f}'} | "
                      f"{'' if f is None else format(c[k + '_ratio'], '.2f')} |")
+    for kind in ("drafter", "target"):
+        f = c.get(f"{kind}_block_floor_cudnn_ms")
+        if f is not None:
+            lines.append(f"| {kind} block vs the floor with cuDNN attention | | {f:.1f} | "
+                         f"{c[f'{kind}_block_ms'] / f:.2f} |")
     lines.append(f"| VAE block decode | {c['vae_block_ms']:.1f} | | |")
     lines.append(f"| ImageReward ({c['scorer_frames']} frames) | {c['scorer_block_ms']:.1f} | | |")
     sc = res.get("self_check")
@@ -364,15 +381,19 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-rates", default="1.0,0.8", help="sdvg runs at these fixed acceptance rates")
     p.add_argument("--modes", default="target,draft,sdvg")
     p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--attention", default=None, help="override performance.attention (auto, fa4, cudnn, ...)")
 
 
 def run(a: argparse.Namespace) -> int:
+    from .models.attention import attention_implementation
+
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
-    rt = build_runtime(a.size, dev)
+    rt = build_runtime(a.size, dev, attention=a.attention)
     rt.allocate()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention}
+           "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention,
+           "attention_impl": attention_implementation()}
     res["self_check"] = self_check(rt, dev)
     res["components"] = bench_components(rt, dev, a.repeats)
     runs = []

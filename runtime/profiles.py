@@ -20,7 +20,7 @@ from .errors import ProfileError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("torch", "tensorrt")
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")  # models.attention.NAMES
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
 COMPONENTS = ("drafter", "target", "vae", "scorer")
@@ -101,7 +101,7 @@ class Backends:
 class Performance:
     """GPU fast path of the torch backend (ignored on CPU, where everything runs eagerly)."""
 
-    attention: str = "auto"  # SDPA backend: auto (cuDNN first) | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto (FlashAttention-4 on Hopper if installed, else cuDNN) | fa4 | cudnn | flash | efficient | math
     cuda_graphs: bool = True  # one graph per (model, block index), VAE decode and scorer
     compile: bool = True  # the elementwise groups as single kernels (DiT: Triton kernels; the rest: torch.compile)
 

@@ -1,0 +1,91 @@
+"""The attention implementation choice: FlashAttention-4 (optional package) or SDPA, and where each runs."""
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from sdvg_rt.models import attention as attn_mod
+from sdvg_rt.profiles import ATTENTION_BACKENDS
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    attn_mod.set_attention_backend("auto")
+
+
+def _fake_fa4(monkeypatch, calls: list):
+    """A stand-in ``flash_attn.cute.interface`` whose ``flash_attn_func`` records its calls."""
+
+    def flash_attn_func(q, k, v):
+        calls.append((q.shape, k.shape))
+        return torch.zeros_like(q), None
+
+    mods = {"flash_attn": types.ModuleType("flash_attn"), "flash_attn.cute": types.ModuleType("flash_attn.cute"),
+            "flash_attn.cute.interface": types.ModuleType("flash_attn.cute.interface")}
+    mods["flash_attn.cute.interface"].flash_attn_func = flash_attn_func
+    for name, m in mods.items():
+        monkeypatch.setitem(sys.modules, name, m)
+
+
+def test_profile_names_match_the_call_site():
+    assert tuple(ATTENTION_BACKENDS) == tuple(attn_mod.NAMES)
+
+
+def test_fa4_missing_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'sdvg-rt\[fa4\]'"):
+        attn_mod.set_attention_backend("fa4")
+    attn_mod.set_attention_backend("auto", "cpu")  # auto never needs it
+    assert attn_mod.attention_implementation() == "sdpa:auto"
+
+
+def test_auto_on_cpu_does_not_load_fa4(monkeypatch):
+    calls = []
+    _fake_fa4(monkeypatch, calls)
+    attn_mod.set_attention_backend("auto", "cpu")
+    assert attn_mod.attention_implementation() == "sdpa:auto"
+    attn_mod.set_attention_backend("auto")  # no device: the SDPA order
+    assert attn_mod.attention_implementation() == "sdpa:auto"
+
+
+def test_fa4_selected_leaves_cpu_fp32_and_masked_calls_on_sdpa(monkeypatch):
+    calls = []
+    _fake_fa4(monkeypatch, calls)
+    attn_mod.set_attention_backend("fa4")
+    assert attn_mod.get_attention_backend() == "fa4"
+    assert attn_mod.attention_implementation() == "fa4"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(L, 2, 16, generator=g) for L in (5, 7, 7))
+    scores = torch.einsum("qhd,khd->hqk", q, k) / 4.0
+    ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    torch.testing.assert_close(attn_mod.attention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    torch.testing.assert_close(attn_mod.attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
+    assert calls == []  # CPU tensors never reach the GPU kernel
+
+
+_HAS_FA4 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 \
+    and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.skipif(not _HAS_FA4, reason="needs a Hopper GPU and flash-attn-4 (pip install 'sdvg-rt[fa4]')")
+def test_fa4_on_cache_slices_matches_fp32():
+    """FlashAttention-4 through the call site, on a [2, S, H, D] cache layer's slices (no copies), matches
+    an fp32 evaluation as closely as cuDNN does, and ``auto`` picks it on Hopper."""
+    attn_mod.set_attention_backend("auto", "cuda")
+    assert attn_mod.attention_implementation() == "fa4"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, lq, lk = 12, 128, 1560, 4680
+    kv = torch.randn(2, lk + 1560, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = kv[0, :lk], kv[1, :lk]
+    out = attn_mod.attention(q, k, v)
+    assert out.shape == (lq, H, D) and out.dtype == torch.bfloat16
+    f = [t.float().transpose(0, 1)[None] for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*f)[0].transpose(0, 1)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    attn_mod.set_attention_backend("cudnn")
+    err_cudnn = ((attn_mod.attention(q, k, v).float() - ref).norm() / ref.norm()).item()
+    assert err < 1.2 * err_cudnn + 1e-4, (err, err_cudnn)
