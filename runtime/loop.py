@@ -16,8 +16,9 @@
 Syncs: exactly one per block, at its decision point (after scoring in sdvg blocks, before denoising
 otherwise), plus one at the end. Each sync also completes everything the previous block enqueued, so
 block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are emitted
-there, and its committed latents and frames are checked for NaN/inf (``NumericalError`` naming the
-block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted
+after it: once an accepted block's commit and decode are enqueued (the GPU works while the caller takes
+the frames), before a target block's work otherwise. Its committed latents and frames are checked for
+NaN/inf (``NumericalError`` naming the block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted
 blocks reach the target's cache only when the target is next needed, and those still pending at the
 end are skipped.
 
@@ -180,11 +181,8 @@ class SpeculativeLoop:
                     with self.timer.span("score", b):
                         s = self.scorer.score(frames_d)
                     self.status[3:3 + s.shape[0]].copy_(s)
-            # 2. the block's one sync: completes block b-1 (emit it) and reads b's decision inputs
+            # 2. the block's one sync: completes block b-1 and reads b's decision inputs
             self._sync_status()
-            if pending is not None:
-                yield self._emit(pending, records)
-                pending = None
             st = self.status_host
             nf = frames_d.shape[2] if frames_d is not None else 0
             if frames_d is not None:  # worst-frame aggregation; any NaN/inf frame makes the block's score non-finite
@@ -195,7 +193,12 @@ class SpeculativeLoop:
             d = self.decide_block(mode, b, rec.min_score, tau,
                                   finite=math.isfinite(float(st[2])) if drafts(mode, b) else True)
             rec.decision, rec.reason = d.kind, d.reason
-            # 3. execute the decision
+            # 3. execute the decision. Block b-1 is handed out while the GPU runs an accepted block's
+            # commit and decode; before a target block, whose large graph launch can hold the host for
+            # much of its run (that delayed block 0's frames by a whole block)
+            if pending is not None and d.kind != ACCEPTED:
+                yield self._emit(pending, records)
+                pending = None
             if d.kind == ACCEPTED:
                 self.latents[b].copy_(xd)
                 if not last:
@@ -222,6 +225,9 @@ class SpeculativeLoop:
                             self.drafter.commit_block(b, self.latents[b])
                 with self.timer.span("vae_decode_commit", b):
                     frames = self.decoder.decode_commit(self.latents[b], b)
+            if pending is not None:  # before block b's frames are copied into the host buffer
+                yield self._emit(pending, records)
+                pending = None
             # 4. committed frames -> uint8 on the device -> host (async); checked at the next sync
             nf = frames.shape[2]
             rec.frames = nf
