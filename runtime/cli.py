@@ -217,6 +217,12 @@ def _versions() -> dict:
             out[mod] = getattr(m, "__version__", "?")
         except Exception:  # noqa: BLE001 - optional packages
             out[mod] = None
+    try:  # the optional attention kernel: its version only (importing it takes seconds)
+        from importlib.metadata import PackageNotFoundError, version
+
+        out["flash_attn_4"] = version("flash-attn-4")
+    except PackageNotFoundError:
+        out["flash_attn_4"] = None
     return out
 
 
@@ -262,6 +268,8 @@ def cmd_info(args) -> int:
           f"cuDNN {v['cudnn'] or 'n/a'})")
     print("  " + "  ".join(f"{k} {v[k] or 'missing'}" for k in ("transformers", "safetensors", "av", "numpy",
                                                                 "diffusers", "onnx", "onnxruntime")))
+    fa4 = v["flash_attn_4"] or "not installed (optional, faster attention on Hopper: pip install 'sdvg-rt[fa4]')"
+    print(f"  flash-attn-4 {fa4}")
     print("devices:")
     for d in info["devices"]:
         print("  " + ", ".join(f"{k} {val}" if k != "device" else str(val) for k, val in d.items()))
