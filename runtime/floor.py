@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``fn()`` timed with CUDA events (one sync per repeat, outside the region)."""
+def cuda_time(fn, iters: int = 20, warmup: int = 3, inner: int = 1) -> float:
+    """Median seconds of ``fn()`` timed with CUDA events (one sync per repeat, outside the region); with
+    ``inner`` > 1 each repeat times that many calls back to back and reports their mean."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -24,10 +25,11 @@ def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(inner):
+            fn()
         e.record()
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
+        times.append(s.elapsed_time(e) / 1e3 / inner)
     times.sort()
     return times[len(times) // 2]
 

@@ -6,30 +6,17 @@ Needs the flash-attn-4 wheel and its dependencies on PYTHONPATH (carried as whee
 network). Prints one table: ms per call for cuDNN and FA4, TFLOP/s, relative difference of the outputs
 (both bf16) to an fp32 reference, and whether a graph replay of the FA4 call equals its eager result.
 """
-import statistics
 import time
 
 import torch
 
+from sdvg_rt.floor import cuda_time
 from sdvg_rt.models.attention import attention, set_attention_backend
-
-REPS, INNER = 15, 10
 
 
 def timeit(fn):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(REPS):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(INNER):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / INNER)
-    return statistics.median(ts)
+    """ms per call: 10 calls back to back per event pair, median of 15."""
+    return cuda_time(fn, iters=15, inner=10) * 1e3
 
 
 def main():

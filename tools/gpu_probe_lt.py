@@ -11,13 +11,13 @@ For each shape (M = 4680 tokens of one block, and M = 9360 for reference):
 Prints one table; run from tools/ after ``source tools/device_env.sh``.
 """
 import ctypes
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from sdvg_rt.floor import cuda_time
+
 NALGO = 24
-REPS, INNER = 15, 10
 
 lt = None
 
@@ -123,19 +123,8 @@ class LtLinear:
 
 
 def timeit(fn):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(REPS):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(INNER):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / INNER)
-    return statistics.median(ts)
+    """us per call: 10 calls back to back per event pair, median of 15."""
+    return cuda_time(fn, iters=15, inner=10) * 1e6
 
 
 def best(lin, call):
