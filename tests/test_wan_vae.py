@@ -461,3 +461,28 @@ def test_state_slots_and_nbytes_match_the_spec():
         state = model.new_state(60, 104, torch.float16)
     assert isinstance(state, VAEState) and state.nbytes == n
     assert cfg.frames_out(3, True) == 9 and cfg.frames_out(3, False) == 12
+
+
+def test_output_padding_is_the_same_function(tiny32, monkeypatch):
+    """Convolutions computed with zero-weight extra outputs (sliced off) decode the same frames; the tiny
+    model's 8-wide last stage stands in for the full model's 96 (``PADDED_OUTPUTS``)."""
+    model, z = tiny32
+    monkeypatch.setitem(wan_vae.PADDED_OUTPUTS, 8, 24)  # 24: no natural width of the tiny model
+    calls = []
+    real = F.conv3d
+    monkeypatch.setattr(wan_vae.F, "conv3d", lambda x, w, *a: calls.append(w.shape[0]) or real(x, w, *a))
+    try:
+        wan_vae.set_output_padding("off")
+        plain = VAEStream(model, H, W).decode_commit(z[:, :, :3], 0)
+        assert 24 not in calls
+        wan_vae.set_output_padding("auto")  # CPU: off
+        assert torch.equal(VAEStream(model, H, W).decode_commit(z[:, :, :3], 0), plain)
+        assert 24 not in calls
+        wan_vae.set_output_padding("on")
+        padded = VAEStream(model, H, W).decode_commit(z[:, :, :3], 0)
+        assert 24 in calls
+        torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="output padding mode"):
+            wan_vae.set_output_padding("always")
+    finally:
+        wan_vae.set_output_padding("auto")
