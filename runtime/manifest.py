@@ -296,9 +296,15 @@ def check_engines(folder: str | os.PathLike, names: Iterable[str], exp: Expected
                   hashes: HashCache | None = None) -> Manifest:
     """Raise ``EngineMismatchError`` listing every stale plan of ``names`` and the rebuild command."""
     manifest = read_manifest(folder, rebuild)
-    hashes = hashes if hashes is not None else HashCache(Path(folder) / HASH_CACHE_NAME)
+    own = hashes is None
+    hashes = HashCache(Path(folder) / HASH_CACHE_NAME) if own else hashes
     problems = {n: r for n in names
                 if (r := plan_stale_reasons(folder, manifest.engines.get(n), n, exp, hashes))}
+    if own and hashes.hashed:  # a checkpoint re-hashed after an mtime change: once, not at every start
+        try:
+            hashes.save()
+        except OSError:  # a read-only engines folder: the cache is an optimisation
+            pass
     if problems:
         lines = [f"TensorRT engines in {folder} do not match this profile/machine:"]
         for n, rs in problems.items():

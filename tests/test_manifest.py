@@ -11,8 +11,8 @@ from sdvg_rt import io_spec
 from sdvg_rt.errors import EngineMismatchError
 from sdvg_rt.kv_cache import KVCache
 from sdvg_rt.manifest import (
-    EngineRecord, Expected, HashCache, Manifest, PlanRecord, check_engines, load_manifest, onnx_stale_reasons,
-    plan_stale_reasons, read_manifest, rebuild_command, sha256_file, write_manifest,
+    HASH_CACHE_NAME, EngineRecord, Expected, HashCache, Manifest, PlanRecord, check_engines, load_manifest,
+    onnx_stale_reasons, plan_stale_reasons, read_manifest, rebuild_command, sha256_file, write_manifest,
 )
 from sdvg_rt.profiles import PROFILES_DIR, load_profile
 
@@ -196,3 +196,21 @@ def test_check_engines_error_has_the_rebuild_command(tmp_path):
     assert load_manifest(tmp_path) is None
     with pytest.raises(EngineMismatchError, match=r"(?s)unreadable.*--force"):
         read_manifest(tmp_path, cmd)
+
+
+def test_check_engines_keeps_its_hash_cache(tmp_path):
+    """Without a cache passed in, check_engines saves the hashes it had to compute (a touched 28 GB checkpoint
+    is hashed once, not at every start)."""
+    ckpt = tmp_path / "dit.pt"
+    ckpt.write_bytes(b"w")
+    hashes = HashCache()
+    rec = _record(tmp_path, ckpt=ckpt, hashes=hashes)
+    cmd = rebuild_command("p.yaml")
+    write_manifest(tmp_path, Manifest(profile_name="p", profile_path="p.yaml", profile_hash="h",
+                                      engines={"drafter.step": rec}, sdvg_rt_version="0.1.0", updated="now"))
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
+    check_engines(tmp_path, ["drafter.step"], _expected(ckpt), cmd)
+    fresh = HashCache(tmp_path / HASH_CACHE_NAME)
+    assert plan_stale_reasons(tmp_path, rec, "drafter.step", _expected(ckpt), fresh) == []
+    assert fresh.hashed == []  # the new mtime's hash came from the saved cache

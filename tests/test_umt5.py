@@ -267,6 +267,13 @@ def test_loader_rejects_bad_files(files, official, tmp_path):
         load_text_encoder(tmp_path / "shape.pth", tok)
     assert "blocks.0.attn.o.weight" in str(e.value) and "(64, 64)" in str(e.value) and "(64, 32)" in str(e.value)
 
+    sd = dict(official)
+    sd["blocks.1.norm2.weight"] = {"nested": sd["blocks.1.norm2.weight"]}
+    torch.save(sd, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match="nested value") as e:
+        load_text_encoder(tmp_path / "nested.pth", tok)
+    assert "blocks.1.norm2.weight" in str(e.value)
+
     torch.save(to_hf(official), tmp_path / "hf.pth")
     with pytest.raises(CheckpointError, match="transformers UMT5 state dict"):
         load_text_encoder(tmp_path / "hf.pth", tok)

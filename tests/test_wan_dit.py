@@ -301,3 +301,22 @@ def test_fused_qk_keeps_keys_and_outputs():
     out = tiny(x, t, ctx_kv, cache2.kv, cache2.slots(0))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # one q/k GEMM vs two: summation order only
     torch.testing.assert_close(cache2.kv, cache.kv, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qk_follows_a_cast_and_fuses_again():
+    """After ``.to()`` the q/k modules are the truth (not the stale fused tensor); ``fuse_qk`` fuses again."""
+    tiny = WanDiT(PRESETS["tiny"]).eval()
+    tiny.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
+    tiny.fuse_qk()
+    attn = tiny.blocks[0].self_attn
+    assert attn._qk_fused()
+    tiny.double()
+    x = torch.randn(5, tiny.cfg.dim, dtype=torch.float64)
+    assert not attn._qk_fused()
+    q, k = attn.project_qk(x)
+    assert torch.equal(q, attn.q(x)) and torch.equal(k, attn.k(x))
+    tiny.fuse_qk()
+    assert attn._qk_fused() and attn.qk_weight.dtype == torch.float64
+    q2, k2 = attn.project_qk(x)
+    torch.testing.assert_close(q2, q, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k2, k, rtol=1e-12, atol=1e-12)

@@ -267,7 +267,7 @@ class Engine:
             raise EngineRunError(
                 f"{self.path}: {name} is at {t.data_ptr():#x}, not {align}-byte aligned as TensorRT "
                 f"requires ({key!r}); for KV cache slices heads*head_dim*element_size must be a multiple of "
-                f"{self.alignment}")
+                f"{align}")
 
     def enqueue(self, key, stream: int) -> None:
         """``execute_async_v3`` on the context of ``key``; a False return raises naming the engine file."""

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.umt5 import EOS_ID, PAD_ID, PRESETS, UNK_ID, TextEncoder, TextEncoderConfig, build_umt5, load_tokenizer
-from .core import read_state_dict, strict_check
+from .core import check_tensors, read_state_dict, strict_check
 
 FILE_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -135,6 +135,7 @@ def load_text_encoder(pth: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     go), so host memory stays near one copy of the file (mmap'ed when the file allows it).
     """
     sd = read_state_dict(pth)
+    check_tensors(sd, pth, "Wan's umT5 state dict")
     cfg = config_from_state_dict(sd, pth)
     strict_check(official_shapes(cfg), sd, pth, what="umT5 text encoder")
     tokenizer = load_tokenizer(tokenizer_dir, cfg.vocab_size)

@@ -297,7 +297,7 @@ class WanSelfAttention(_WanAttentionParams):
         """Make the q and k weights and biases views into one [2*dim, dim] / [2*dim] tensor (no extra
         memory), so their projection is one GEMM. Parameter names (checkpoint keys) are unchanged. (v keeps
         its own GEMM: on the cached path it writes straight into the cache slots.)"""
-        if hasattr(self, "qk_weight"):
+        if self._qk_fused():
             return
         with torch.no_grad():
             w = torch.cat([self.q.weight, self.k.weight])
@@ -308,13 +308,21 @@ class WanSelfAttention(_WanAttentionParams):
             lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
         self.qk_weight, self.qk_bias = w, b  # plain attributes: not in the state dict
 
+    def _qk_fused(self) -> bool:
+        """Whether the q and k weights and biases are still views of ``qk_weight``/``qk_bias``: a later
+        ``load_state_dict(assign=True)`` or ``.to()`` replaces them, and then the two modules are the truth
+        (and ``fuse_qk`` fuses them again)."""
+        w, b = getattr(self, "qk_weight", None), getattr(self, "qk_bias", None)
+        if w is None:
+            return False
+        d = self.q.weight.shape[0]
+        return (self.q.weight.data_ptr() == w.data_ptr() and self.k.weight.data_ptr() == w[d:].data_ptr()
+                and self.q.bias.data_ptr() == b.data_ptr() and self.k.bias.data_ptr() == b[d:].data_ptr())
+
     def project_qk(self, x: torch.Tensor):
-        """q, k ``[n, dim]``: one GEMM after ``fuse_qk``, else two. (The fused GEMM is used only while the
-        q/k parameters are still views of it: a later ``load_state_dict(assign=True)`` or ``.to()``
-        replaces them, and then the two modules are the truth.)"""
-        w = getattr(self, "qk_weight", None)
-        if w is not None and self.q.weight.data_ptr() == w.data_ptr():
-            return F.linear(x, w, self.qk_bias).chunk(2, dim=-1)
+        """q, k ``[n, dim]``: one GEMM while ``fuse_qk``'s fused tensors are current, else two."""
+        if self._qk_fused():
+            return F.linear(x, self.qk_weight, self.qk_bias).chunk(2, dim=-1)
         return self.q(x), self.k(x)
 
     def forward(self, x, rope, kv_layer=None, write_start=0, read_end=0, mask=None):
