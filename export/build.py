@@ -216,7 +216,7 @@ def load_part(prof: Profile, part: str, device: torch.device):
         return load_vae_decoder(ck.vae, device, DTYPES[prof.precision]).eval()
     from sdvg_rt.checkpoints.imagereward import load_imagereward
 
-    model, _tok = load_imagereward(ck.scorer, device=device, dtype=DTYPES[getattr(prof, "scorer_precision", "fp32")])
+    model, _tok = load_imagereward(ck.scorer, device=device, dtype=DTYPES[prof.scorer_precision])
     return model.eval()
 
 

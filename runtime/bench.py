@@ -387,7 +387,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     from .models.attention import attention_implementation
 
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .api import resolve_device
+
+    dev = resolve_device(a.device)
     print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
     rt = build_runtime(a.size, dev, attention=a.attention)
     if dev.type == "cuda" and attention_implementation() != "fa4":

@@ -236,7 +236,7 @@ def cmd_info(args) -> int:
     import torch
 
     from .api import tensorrt_status
-    from .profiles import DEMO_PROFILE, load_profile
+    from .profiles import COMPONENTS, DEMO_PROFILE, load_profile
 
     info = {"versions": _versions(), "devices": [{"device": "cpu", "threads": torch.get_num_threads(),
                                                    "cores": os.cpu_count()}]}
@@ -255,7 +255,7 @@ def cmd_info(args) -> int:
         info["profile"] = {"name": prof.name, "path": str(path), "ok": True,
                            "video": f"{prof.video.width}x{prof.video.height}, {prof.video.latent_frames} latent frames "
                                     f"({prof.video.num_blocks} blocks, {prof.video.total_frames} frames)",
-                           "backends": {c: getattr(prof.backends, c) for c in ("drafter", "target", "vae", "scorer")},
+                           "backends": {c: getattr(prof.backends, c) for c in COMPONENTS},
                            "checkpoints": {f.name: {"path": str(f.path), "exists": f.exists, "bytes": f.size}
                                            for f in _checkpoint_status(prof)}}
     except ProfileError as e:
@@ -313,6 +313,8 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decide import MODES
+
     ap = argparse.ArgumentParser(prog="sdvg-rt", description="SDVG video generation runtime")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate one video per prompt line",
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompts", help="UTF-8 text file, one prompt per line (blank lines are skipped)")
     r.add_argument("--profile", help="profile YAML (default: the tiny synthetic demo)")
     r.add_argument("--out", default="outputs", help="output folder (default: outputs/)")
-    r.add_argument("--mode", choices=("sdvg", "target", "draft"), help="override sampling.mode")
+    r.add_argument("--mode", choices=MODES, help="override sampling.mode")
     r.add_argument("--tau", type=_tau, help="override sampling.tau (inf: always the target, -inf: accept all)")
     r.add_argument("--seed", type=_seed, help="override sampling.seed")
     r.add_argument("--overwrite", action="store_true", help="regenerate prompts whose mp4 and json exist")

@@ -303,7 +303,7 @@ def engine_ios(profile, parts=PARTS) -> dict[str, EngineIO]:
                 io = vae_io(cfgs["vae"], geo, dt, first)
                 out[io.name] = io
         else:
-            out["scorer"] = scorer_io(cfgs["scorer"], geo, getattr(profile, "scorer_precision", dt), dt)
+            out["scorer"] = scorer_io(cfgs["scorer"], geo, profile.scorer_precision, dt)
     return out
 
 

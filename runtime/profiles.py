@@ -68,10 +68,6 @@ class Video:
     def num_blocks(self) -> int:
         return self.latent_frames // self.frames_per_block
 
-    def pixel_frames(self, block: int) -> int:
-        """Video frames decoded from a block: the first latent gives 1 frame, every later one 4."""
-        return 4 * self.frames_per_block - (3 if block == 0 else 0)
-
     @property
     def total_frames(self) -> int:
         return 4 * self.latent_frames - 3

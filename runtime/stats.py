@@ -10,11 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-# Component names used in records (times in milliseconds, summed over the calls in the block).
-COMPONENTS = (
-    "draft_denoise", "draft_commit", "target_denoise", "target_commit",
-    "vae_decode_scratch", "vae_decode_commit", "score",
-)
 
 
 class Timer:

@@ -129,8 +129,7 @@ class ActivationMemory:
 
 class Engine:
     """One TensorRT engine with explicit, idempotent lifecycle verbs: ``load`` (plan bytes into host
-    memory), ``activate`` (deserialize), ``bind`` (a context per key), ``enqueue``, ``deactivate``,
-    ``unload``."""
+    memory), ``activate`` (deserialize), ``bind`` (a context per key), ``enqueue``."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, *, rebuild: str = "",
                  alignment: int | None = None):
@@ -179,16 +178,6 @@ class Engine:
             else:
                 self.outputs[name] = dt
         return self
-
-    def deactivate(self) -> None:
-        self.contexts.clear()
-        self.addresses.clear()
-        self._bound.clear()
-        self.engine = None
-
-    def unload(self) -> None:
-        self.deactivate()
-        self.plan = None
 
     @property
     def device_memory_size(self) -> int:
@@ -401,14 +390,6 @@ class TrtDenoiser:
         for i, b in enumerate(blocks):
             self.commit_block(b, xs[i])
 
-    @torch.no_grad()
-    def warmup(self, blocks: Iterable[int]) -> None:
-        """Bind and capture every graph of ``blocks`` now (denoise + commit). It writes those blocks' cache
-        slots, which needs no undoing: every slot a video reads was written earlier in that video."""
-        for b in blocks:
-            self.denoise_block(b)
-            self.commit_block(b, self.out)
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"kv": self.cache.kv, "context": self.context, "ctx_kv": self.ctx_kv, "x": self.x, "x0": self.x0,
                 "work": self.work, "out": self.out, "flow": self.flow, "noise": self.noise.out,
@@ -495,15 +476,6 @@ class TrtDecoder:
         frames = self.decode_scratch(z, block)
         self.keep_scratch()
         return frames
-
-    @torch.no_grad()
-    def warmup(self) -> None:
-        """Capture the four graphs (first/step x parity), then reset the states."""
-        for parity in (0, 1):
-            self.parity = parity
-            self.decode_scratch(self.z, 0)
-            self.decode_scratch(self.z, 1)
-        self.reset()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"state{p}.{j}": s for p, st in enumerate(self.states) for j, s in enumerate(st)}

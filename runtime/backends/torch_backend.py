@@ -26,8 +26,7 @@ class TorchDenoiser:
     """One block-causal DiT with its preallocated state (``kind`` is "drafter" or "target")."""
 
     def __init__(self, model, kind: str, *, latent_shape: tuple[int, int, int], window_frames: int,
-                 sink_frames: int, schedule: Schedule, device, dtype: torch.dtype, text_len: int | None = None,
-                 graphs: bool = False):
+                 sink_frames: int, schedule: Schedule, device, dtype: torch.dtype, graphs: bool = False):
         cfg = model.cfg
         frames, h, w = latent_shape  # per block
         self.model, self.kind, self.schedule = model, kind, schedule
@@ -36,7 +35,7 @@ class TorchDenoiser:
         tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
         self.cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, frames, window_frames,
                              sink_frames, dtype=dtype, device=device)
-        T = text_len or cfg.text_len
+        T = cfg.text_len
         self.context = torch.zeros(1, T, cfg.text_dim, dtype=dtype, device=device)
         self.ctx_kv = torch.zeros(cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
         shape = (1, cfg.in_dim, frames, h, w)

@@ -21,7 +21,6 @@ the Self-Forcing .pt: ~5.7 GB; the 14B safetensors is streamed tensor by tensor)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..manifest import sha256_file
+from ..video import atomic_write_json
 
 MANIFEST = "synthetic.json"
 SCHEMA = 1
@@ -76,26 +77,12 @@ def _write_part(part: str, stage: Path, preset: str, seed: int) -> None:
         raise AssertionError(part)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1000
     return f"{n} B"  # pragma: no cover
-
-
-def _write_json_atomic(p: Path, obj: dict) -> None:
-    tmp = p.with_name(p.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
 
 
 def _read_manifest(p: Path) -> dict | None:
@@ -179,16 +166,16 @@ def make_synthetic_set(out: str | os.PathLike, size: str = "tiny", seed: int = 0
                 manifest["files"].pop(p, None)
             for rel in rels:
                 n = (root / rel).stat().st_size
-                manifest["files"][rel] = {"bytes": n, "sha256": _sha256(root / rel), "component": part}
+                manifest["files"][rel] = {"bytes": n, "sha256": sha256_file(root / rel), "component": part}
                 say(f"    {rel}  {_human(n)}")
             manifest["parts"][part] = rels
-            _write_json_atomic(mpath, manifest)
+            atomic_write_json(mpath, manifest)
             say(f"{tag}: done in {time.perf_counter() - t0:.1f} s")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     manifest["complete"] = True
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-    _write_json_atomic(mpath, manifest)
+    atomic_write_json(mpath, manifest)
     say(f"synthetic {size} set (seed {seed}) complete in {root}: {len(manifest['files'])} files, "
         f"{_human(manifest['total_bytes'])}")
     return manifest

@@ -96,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns [Lq, H, D] (FlashAttention-4's output, or a view of SDPA's). No host sync.
     """
     if _fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return _fa4(q[None], k[None], v[None])[0][0]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D] views
     kh = k.transpose(0, 1).unsqueeze(0)

@@ -30,7 +30,7 @@ import html
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,9 +80,6 @@ class TextEncoderConfig:
             layer_norm_epsilon=self.eps, feed_forward_proj="gated-gelu", dropout_rate=0.0,
             is_encoder_decoder=False, use_cache=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
         )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, TextEncoderConfig] = {

@@ -415,7 +415,6 @@ class WanAttentionBlock(nn.Module):
 class WanHead(nn.Module):
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
-        self.eps = cfg.eps
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
 

@@ -222,20 +222,17 @@ def _group_with_history(name: str, slot: int, ctx: _Ctx, x: torch.Tensor, *args)
     history: state_in may be state_out). An output argument rather than ``cat`` inside a compiled group:
     Inductor lowers a ``cat`` of a norm's output to a pointwise concatenation and materialises the norm
     in fp32 first (3x the traffic, measured), but stores straight into a mutated input. While exporting
-    ONNX (which cannot store into part of a buffer) it is ``cat`` as before."""
-    new = ctx.new[slot]
+    ONNX (which cannot store into part of a buffer) it is ``_with_history`` of the group's result."""
     if torch.onnx.is_in_onnx_export():
-        hist = new.zero_() if ctx.hist is None else ctx.hist[slot]
-        xin = torch.cat([hist, _ops[name](x, *args)], dim=2)
+        return _with_history(_ops[name](x, *args), slot, ctx)
+    b, c, t, h, w = x.shape
+    xin = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device, memory_format=ctx.mf)
+    if ctx.hist is None:
+        xin[:, :, :CACHE_T].zero_()
     else:
-        b, c, t, h, w = x.shape
-        xin = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device, memory_format=ctx.mf)
-        if ctx.hist is None:
-            xin[:, :, :CACHE_T].zero_()
-        else:
-            xin[:, :, :CACHE_T].copy_(ctx.hist[slot])
-        _ops[name + "_into"](x, *args, xin[:, :, CACHE_T:])
-    new.copy_(xin[:, :, -CACHE_T:])
+        xin[:, :, :CACHE_T].copy_(ctx.hist[slot])
+    _ops[name + "_into"](x, *args, xin[:, :, CACHE_T:])
+    ctx.new[slot].copy_(xin[:, :, -CACHE_T:])
     return xin
 
 
@@ -726,7 +723,8 @@ class WanVAEDecoder(nn.Module):
         return x
 
     def forward(self, z: torch.Tensor, *history: torch.Tensor, first: bool = False):
-        """Functional form for tracing/export: ``(z, *history) -> (frames, *new_history)``."""
+        """Functional form ``(z, *history) -> (frames, *new_history)`` (the export wraps ``decode`` in its own
+        graphs, ``export/onnx_export.py``)."""
         new = VAEState([torch.empty_like(t) for t in history])
         frames = self.decode(z, None if first else VAEState(list(history)), new, first)
         return (frames, *new.slots)
