@@ -14,7 +14,7 @@
       emit(b, frames, record)
 
 Syncs: exactly one per block, at its decision point (after scoring in sdvg blocks, before denoising
-otherwise), plus one at the end. Each sync also completes everything the previous block enqueued, so
+otherwise), plus one after the per-prompt preparation (to read its times) and one at the end. Each sync also completes everything the previous block enqueued, so
 block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are emitted
 after it: once an accepted block's commit and decode are enqueued (the GPU works while the caller takes
 the frames), before a target block's work otherwise. Its committed latents and frames are checked for

@@ -123,8 +123,11 @@ class NoiseStream:
         self._groups = torch.arange(n // 4, dtype=torch.int64, device=device)[None, :]
 
     def set_seed(self, seed: int) -> None:
-        """Host -> device copy of the key; call outside captured graphs (graphs then read the new seed)."""
-        self.key.copy_(seed_key(seed), non_blocking=False)
+        """Write the key on the device (two fills from host scalars: no wait for the device, unlike a copy
+        from pageable memory); call outside captured graphs (graphs then read the new seed)."""
+        lo, hi = seed_key(seed).tolist()
+        self.key[0].fill_(lo)
+        self.key[1].fill_(hi)
 
     def fill(self, block: int) -> torch.Tensor:
         gaussian_(self.out.view(self.out.shape[0], -1), self.key, block, self._steps, self._groups)
