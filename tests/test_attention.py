@@ -48,6 +48,9 @@ def test_auto_on_cpu_does_not_load_fa4(monkeypatch):
     assert attn_mod.attention_implementation() == "sdpa:auto"
     attn_mod.set_attention_backend("auto")  # no device: the SDPA order
     assert attn_mod.attention_implementation() == "sdpa:auto"
+    q = torch.randn(3, 2, 8)
+    attn_mod.attention(q, q, q)
+    assert calls == []
 
 
 def test_fa4_selected_leaves_cpu_fp32_and_masked_calls_on_sdpa(monkeypatch):

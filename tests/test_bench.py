@@ -1,7 +1,15 @@
 """The benchmark's host logic: fixed acceptance patterns and the loop's benchmark-only override."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sdvg_rt.bench import accept_pattern
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("rate,blocks,accepts", [(1.0, 7, 6), (0.8, 7, 5), (0.5, 7, 3), (0.0, 7, 0), (0.8, 3, 2)])
@@ -36,3 +44,21 @@ def test_kernel_check_reports_kernels_as_accurate_as_eager():
         # doubles to triples the rounding error of the kernels that round intermediates; on the GPU the
         # benchmark reports kernel and eager errors alike
         assert kern < 4 * eager
+
+
+def test_bench_runs_end_to_end_on_the_tiny_cpu_profile(tmp_path):
+    """``tools/bench.py --size tiny --device cpu`` (its own process, as a user runs it): the self-check
+    passes (exit 0) and every mode's video is reported with its decisions."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--size", "tiny", "--device", "cpu",
+                        "--repeats", "1", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["self_check"]["latents_equal"] and res["self_check"]["frames_equal"]
+    modes = [(r["mode"], r["accept_rate_set"]) for r in res["e2e"]]
+    assert modes == [("target", None), ("draft", None), ("sdvg", 1.0), ("sdvg", 0.8)]
+    dec = {(r["mode"], r["accept_rate_set"]): r["decisions"] for r in res["e2e"]}
+    assert set(dec[("target", None)]) == {"F"} and set(dec[("draft", None)]) == {"A"}
+    assert dec[("sdvg", 1.0)][0] == "F" and set(dec[("sdvg", 1.0)][1:]) == {"A"}
+    assert "| target |" in r.stdout  # the markdown table
