@@ -183,10 +183,9 @@ def main():
             print(f"{name:8s} {M:5d} {t_torch:9.0f} {t0:9.0f} {t_best:10.0f} {len(lin.algos):6d} {g} "
                   f"{'':>1s}{err:9.2e}")
             tot.setdefault(M, [0.0, 0.0, 0.0])
-            mult = 1
-            tot[M][0] += t_torch * mult
-            tot[M][1] += t0 * mult
-            tot[M][2] += t_best * mult
+            tot[M][0] += t_torch
+            tot[M][1] += t0
+            tot[M][2] += t_best
             del w, x, out
     for M, (a, b0, c) in tot.items():
         print(f"M={M}: per layer (qk, o, cross o, ffn in, ffn out; cross q = o's time not counted) torch {a:.0f} us, "
