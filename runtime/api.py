@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import backends
 from .decide import check_mode, check_tau
 from .errors import BackendUnavailableError, BusyError, CheckpointError, OutOfMemoryError, SdvgError
 from .io_spec import DTYPES
-from .loop import BlockOutput, PreparedPrompt, SpeculativeLoop
-from .profiles import COMPONENTS, Profile, load_profile
+from .loop import BlockOutput, DecideFn, PreparedPrompt, SpeculativeLoop
+from .profiles import Profile, load_profile
 from .schedule import Schedule
 
 
@@ -43,30 +44,6 @@ class Result:
     frames: np.ndarray
     stats: dict
     latents: torch.Tensor | None = None
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, detail) from ``tensorrt_backend.tensorrt_module`` (a bare import can succeed on a stub)."""
-    from .backends.tensorrt_backend import tensorrt_module
-
-    try:
-        trt = tensorrt_module()
-    except BackendUnavailableError as e:
-        return False, str(e)
-    return True, f"tensorrt {getattr(trt, '__version__', '?')}"
-
-
-def check_backend(component: str, name: str) -> None:
-    """The backend factory's gate, before anything is loaded: ``torch`` is always usable; ``tensorrt`` needs
-    an importable TensorRT with a ``Builder`` (its engines and manifest are checked when they are opened)."""
-    if name == "torch":
-        return
-    usable, detail = tensorrt_status()
-    if not usable:
-        raise BackendUnavailableError(
-            f"backends.{component} is '{name}' but TensorRT is not usable here: {detail}. Install TensorRT "
-            f"(pip install 'sdvg-rt[trt]' tensorrt) and build the engines (make engines PROFILE=<profile>), or "
-            f"set backends.{component}: torch in the profile (or pass backends__{component}='torch')")
 
 
 def resolve_device(device) -> torch.device:
@@ -91,7 +68,8 @@ def memory_plan(profile: Profile) -> dict[str, int]:
     """Bytes each part of a profile needs on the device (weights, caches, VAE states), before loading."""
     from .kv_cache import KVCache
     from .models.wan_dit import WanDiTConfig
-    from .models.wan_vae import VAEStream, WanVAEConfig
+    from .models.wan_vae import WanVAEConfig
+    from .vae_state import VAEStatePair
 
     dt = DTYPES[profile.precision]
     el = torch.empty((), dtype=dt).element_size()
@@ -109,7 +87,7 @@ def memory_plan(profile: Profile) -> dict[str, int]:
         out[f"{kind} KV cache"] = KVCache.nbytes(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, window, dt)
     try:
         vcfg = WanVAEConfig.from_name(profile.models.vae)
-        out["VAE states (committed + scratch)"] = VAEStream.nbytes_for(vcfg, v.latent_height, v.latent_width, dt)
+        out["VAE states (committed + scratch)"] = VAEStatePair.nbytes_for(vcfg, v.latent_height, v.latent_width, dt)
         out["VAE decoder weights"] = vcfg_params(vcfg) * el
     except ValueError:
         pass
@@ -187,7 +165,7 @@ class Runtime:
     def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float):
         self.profile, self.device = profile, device
         self.dtype = DTYPES[profile.precision]
-        self._models = models  # drafter, target, vae, scorer, scorer_tokenizer
+        self.models = models  # the torch modules by part (drafter, target, vae, scorer, scorer_tokenizer)
         self.text_encoder = text_encoder
         self.loop: SpeculativeLoop | None = None
         self.timings = {"load_s": load_s}
@@ -208,8 +186,7 @@ class Runtime:
         else:
             prof = load_profile(profile, **overrides)
         dev = resolve_device(device)
-        for comp in COMPONENTS:
-            check_backend(comp, getattr(prof.backends, comp))
+        backends.check(prof)
         if dev.type == "cuda":
             check_fits(prof, torch.cuda.mem_get_info(dev)[0], text_encoder=text_encoder)
         t0 = time.perf_counter()
@@ -258,7 +235,7 @@ class Runtime:
             return
         t0 = time.perf_counter()
         try:
-            self.loop = _build_loop(self.profile, self._models, self.device, self.dtype)
+            self.loop = _build_loop(self.profile, self.models, self.device, self.dtype)
         except torch.OutOfMemoryError as e:
             raise OutOfMemoryError(_oom_message(self.profile, self.device, "allocating caches and buffers")) from e
         self.timings["allocate_s"] = time.perf_counter() - t0
@@ -272,7 +249,7 @@ class Runtime:
         shift later outputs."""
         self.allocate()
         blocks = self.profile.video.num_blocks if blocks is None else blocks
-        cfg = _dit_config(self.profile, self._models, "drafter")
+        cfg = _dit_config(self.profile, self.models, "drafter")
         empty = PreparedPrompt("", torch.zeros(1, cfg.text_len, cfg.text_dim))
         t0 = time.perf_counter()
         for tau in (float("inf"), float("-inf")):
@@ -285,13 +262,15 @@ class Runtime:
 
     # ---- serve -----------------------------------------------------------------------------------
     def stream(self, prompt: str | PreparedPrompt, seed: int | None = None, tau: float | None = None,
-               mode: str | None = None, *, max_blocks: int | None = None) -> Iterator[BlockOutput]:
+               mode: str | None = None, *, max_blocks: int | None = None,
+               decide: DecideFn | None = None) -> Iterator[BlockOutput]:
         """Yield each committed block (``BlockOutput(block, frames uint8 [f, H, W, 3], record)``) as soon as
         its frames are on the host. The generation starts at the first ``next()``; ``BusyError`` there if
-        another generation of this Runtime is running. The generator returns the stats dict."""
+        another generation of this Runtime is running. The generator returns the stats dict. ``decide``
+        replaces ``decide.decide`` for this video (fixed acceptance patterns: ``bench.pattern_decisions``)."""
         self._acquire()
         try:
-            return (yield from self._generate_blocks(prompt, seed, tau, mode, max_blocks))
+            return (yield from self._generate_blocks(prompt, seed, tau, mode, max_blocks, decide))
         finally:
             self._lock.release()
 
@@ -300,7 +279,7 @@ class Runtime:
             raise BusyError("this Runtime is already generating (one generation at a time); wait for it to "
                             "finish, or create another Runtime")
 
-    def _generate_blocks(self, prompt, seed, tau, mode, max_blocks) -> Iterator[BlockOutput]:
+    def _generate_blocks(self, prompt, seed, tau, mode, max_blocks, decide=None) -> Iterator[BlockOutput]:
         """The generation itself; the caller holds the lock."""
         self.allocate()
         s = self.profile.sampling
@@ -309,7 +288,7 @@ class Runtime:
         mode = check_mode(s.mode if mode is None else mode)
         p = self._prepared(prompt)
         records = []
-        gen = self.loop.run(p, mode=mode, tau=tau, seed=seed, max_blocks=max_blocks)
+        gen = self.loop.run(p, mode=mode, tau=tau, seed=seed, max_blocks=max_blocks, decide=decide)
         try:
             for out in gen:
                 records.append(out.record)
@@ -320,12 +299,12 @@ class Runtime:
         return self.last_stats
 
     def generate(self, prompt: str | PreparedPrompt, seed: int | None = None, tau: float | None = None,
-                 mode: str | None = None) -> Result:
+                 mode: str | None = None, *, decide: DecideFn | None = None) -> Result:
         """Generate one whole video; see ``stream`` for the arguments (defaults from the profile). The
         result (frames, stats, committed latents) is taken while this generation still holds the Runtime."""
         self._acquire()
         try:
-            frames = [b.frames for b in self._generate_blocks(prompt, seed, tau, mode, None)]
+            frames = [b.frames for b in self._generate_blocks(prompt, seed, tau, mode, None, decide)]
             return Result(np.concatenate(frames), self.last_stats, self.loop.committed_latents().cpu())
         finally:
             self._lock.release()
@@ -365,7 +344,7 @@ class Runtime:
     def close(self) -> None:
         """Drop models, caches and buffers (the Runtime cannot generate afterwards)."""
         self.release_text_encoder()
-        self.loop, self._models = None, {}
+        self.loop, self.models = None, {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -400,10 +379,9 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
     from .models.wan_vae import WanVAEConfig
 
     ck, m, dt = prof.checkpoints, prof.models, DTYPES[prof.precision]
-    torch_parts = {c for c in COMPONENTS if getattr(prof.backends, c) == "torch"}
+    torch_parts = backends.torch_parts(prof)
     out = {kind: load_dit(getattr(ck, kind), dev, dt, expect=getattr(m, kind))
            for kind in ("drafter", "target") if kind in torch_parts}
-    apply_performance(prof, dev, out)
     a, b = _dit_config(prof, out, "drafter"), _dit_config(prof, out, "target")
     if (a.in_dim, a.patch_size, a.text_dim, a.text_len) != (b.in_dim, b.patch_size, b.text_dim, b.text_len):
         raise CheckpointError("drafter and target disagree on latent channels, patch size or text width; they "
@@ -429,55 +407,40 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
     return out
 
 
-def apply_performance(prof: Profile, dev: torch.device, dits: dict) -> None:
-    """The torch backend's GPU fast path (profile section ``performance``), chosen once at load:
-    the attention implementation, one q/k GEMM per layer (v's GEMM writes the cache), and the elementwise groups of the DiT and VAE compiled into
-    single kernels. On CPU only the attention choice applies (everything else stays eager)."""
-    from .models import wan_dit, wan_vae
-    from .models.attention import set_attention_backend
-
-    perf = prof.performance
-    set_attention_backend(perf.attention, dev)
-    if dev.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions: pick the fastest algorithm once
-    # fp32 parts (the scorer by default) use TF32 tensor cores for matmuls: ~1e-3 relative error, far below
-    # what separates decisions at tau, and about 3x faster than IEEE fp32 on the H100
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    for model in dits.values():
-        model.fuse_qk()
-    wan_dit.compile_elementwise(perf.compile)
-    wan_vae.compile_elementwise(perf.compile)
-
-
 def _build_loop(prof: Profile, models: dict, dev: torch.device, dtype: torch.dtype) -> SpeculativeLoop:
-    """The backend factory: one component per part, torch or TensorRT as the profile says."""
-    from .backends.torch_backend import TorchDecoder, TorchDenoiser, TorchScorer
-    from .models.wan_vae import VAEStream
+    """The components over one step per part (``backends.build``: torch or TensorRT as the profile says)."""
+    from . import backends, io_spec
+    from .components import Decoder, Denoiser, Scorer
 
     v = prof.video
     h, w = v.latent_height, v.latent_width
     sched = Schedule.from_steps(prof.schedule.steps, prof.schedule.shift)
     window, sink = prof.cache_geometry()
     graphs = prof.performance.cuda_graphs and dev.type == "cuda"
-    comps = {}
-    if any(getattr(prof.backends, c) == "tensorrt" for c in COMPONENTS):
-        from .backends.tensorrt_backend import build_components
-
-        comps = build_components(prof, dev, use_cuda_graphs=graphs)
-    for kind in ("drafter", "target"):
-        if kind not in comps:
-            comps[kind] = TorchDenoiser(models[kind], kind, latent_shape=(v.frames_per_block, h, w),
-                                        window_frames=window, sink_frames=sink, schedule=sched, device=dev,
-                                        dtype=dtype, graphs=graphs)
-    if "vae" not in comps:
-        comps["vae"] = TorchDecoder(VAEStream(models["vae"], h, w, dtype, dev), graphs=graphs)
-    if "scorer" not in comps:
-        comps["scorer"] = TorchScorer(models["scorer"], models["scorer_tokenizer"], dev, graphs=graphs)
+    steps = backends.build(prof, models, dev)
+    den = {kind: Denoiser(steps[kind], kind, latent_shape=(v.frames_per_block, h, w), window_frames=window,
+                          sink_frames=sink, schedule=sched, device=dev, dtype=dtype, num_blocks=v.num_blocks,
+                          graphs=graphs)
+           for kind in ("drafter", "target")}
+    cfgs, geo = io_spec.model_configs(prof), io_spec.profile_geometry(prof)
+    vcfg = models["vae"].config if "vae" in models else cfgs["vae"]
+    decoder = Decoder(steps["vae"], *(io_spec.vae_io(vcfg, geo, prof.precision, first) for first in (True, False)),
+                      dev, graphs=graphs)
+    icfg = models["scorer"].cfg if "scorer" in models else cfgs["scorer"]
+    scorer = Scorer(steps["scorer"], _scorer_tokenizer(prof, models),
+                    io_spec.scorer_io(icfg, geo, prof.scorer_precision, prof.precision), dev, graphs=graphs)
     return SpeculativeLoop(
-        comps["drafter"], comps["target"], comps["vae"], comps["scorer"], num_blocks=v.num_blocks,
+        den["drafter"], den["target"], decoder, scorer, num_blocks=v.num_blocks,
         frames_per_block=v.frames_per_block, latent_hw=(h, w), pixel_hw=(v.height, v.width),
         latent_channels=_dit_config(prof, models, "drafter").in_dim, dtype=dtype, device=dev,
         lazy_commit=prof.sampling.lazy_commit, fused_commits=prof.sampling.fused_commits,
     )
+
+
+def _scorer_tokenizer(prof: Profile, models: dict):
+    if "scorer_tokenizer" in models:
+        return models["scorer_tokenizer"]
+    from .checkpoints.imagereward import resolve_paths
+    from .models.imagereward import ImageRewardTokenizer
+
+    return ImageRewardTokenizer(resolve_paths(prof.checkpoints.scorer)[2])

@@ -46,17 +46,17 @@ def accept_pattern(rate: float, blocks: int) -> list[bool]:
 
 
 def pattern_decisions(pattern: list[bool]):
-    """A ``SpeculativeLoop.decide_block`` for benchmarks: in sdvg mode, blocks after 0 are accepted or
+    """A decision function (``Runtime.stream(decide=...)``) for benchmarks: in sdvg mode, blocks after 0 are accepted or
     rejected by ``pattern`` instead of the tau test (their scores are still computed and recorded)."""
     from .decide import ACCEPTED, FORCED, REJECTED, Decision, decide
 
-    def decide_block(mode, block, score, tau, finite=True):
+    def decide_pattern(mode, block, score, tau, finite=True):
         d = decide(mode, block, score, tau, finite)
         if mode != "sdvg" or d.kind == FORCED:
             return d
         return Decision(ACCEPTED if pattern[block % len(pattern)] else REJECTED, "benchmark acceptance pattern")
 
-    return decide_block
+    return decide_pattern
 
 
 def random_init_(model: torch.nn.Module, dim: int, seed: int = 0) -> None:
@@ -107,7 +107,7 @@ def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
 def build_runtime(size: str, device: torch.device, log=print, attention: str | None = None):
     """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder);
     ``attention`` overrides the profile's ``performance.attention``."""
-    from .api import Runtime, apply_performance
+    from .api import Runtime
     from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
     from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
     from .profiles import demo_profile
@@ -134,7 +134,6 @@ def build_runtime(size: str, device: torch.device, log=print, attention: str | N
     vocab = Path(tempfile.mkdtemp(prefix="sdvg-bench-")) / "vocab.txt"
     vocab.write_text("\n".join(synthetic_vocab_lines()) + "\n", encoding="utf-8")
     models["scorer_tokenizer"] = ImageRewardTokenizer(vocab)
-    apply_performance(prof, device, {k: models[k] for k in ("drafter", "target")})
     log(f"  models built in {time.perf_counter() - t0:.1f} s")
     return Runtime(prof, device, models, None, time.perf_counter() - t0)
 
@@ -163,7 +162,7 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
     v = prof.video
     nb = v.num_blocks
     mid = nb // 2
-    cfg = rt._models["drafter"].cfg
+    cfg = loop.drafter.cfg
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     loop.prepare(prompt, seed=0)
     out = {}
@@ -175,7 +174,7 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
         out[f"{kind}_block_ms"] = _median_ms(lambda: den.denoise_block(mid), device, repeats)
         out[f"{kind}_commit_ms"] = _median_ms(lambda: den.commit_block(mid, den.out), device, repeats)
         if device.type == "cuda":
-            m = rt._models[kind].cfg
+            m = den.cfg
             tpb = den.cache.tokens_per_block
             impl = attention_implementation()
             probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb,
@@ -205,14 +204,13 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
     second is timed."""
     from .loop import PreparedPrompt
 
-    cfg = rt._models["drafter"].cfg
+    rt.allocate()
+    cfg = rt.loop.drafter.cfg
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     nb = rt.profile.video.num_blocks
     rows = []
     for mode, rate in runs:
-        rt.allocate()
-        if mode == "sdvg":
-            rt.loop.decide_block = pattern_decisions(accept_pattern(rate, nb))
+        decide = pattern_decisions(accept_pattern(rate, nb)) if mode == "sdvg" else None
         for attempt in range(2):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -220,7 +218,7 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
             t0 = time.perf_counter()
             first = None
             frames = 0
-            for blk in rt.stream(prompt, mode=mode, tau=0.0, seed=attempt):
+            for blk in rt.stream(prompt, mode=mode, tau=0.0, seed=attempt, decide=decide):
                 if first is None:
                     first = time.perf_counter() - t0
                 frames += blk.frames.shape[0]
@@ -236,7 +234,6 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
         rows.append(row)
         log(f"  {mode}{'' if rate is None else f' @{rate:.0%}'}: {row['fps']:.2f} fps, first block "
             f"{first:.2f} s, decisions {row['decisions']}, loop overhead {row['loop_overhead']:.1%}")
-        rt.loop.__dict__.pop("decide_block", None)  # back to the loop's own decisions
     base = next((r for r in rows if r["mode"] == "target"), None)
     for r in rows:
         r["speedup_vs_target"] = base["wall_s"] / r["wall_s"] if base else None
@@ -285,13 +282,13 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     same kernels run, only the launches differ)."""
     from .loop import PreparedPrompt
 
-    cfg = rt._models["drafter"].cfg
+    rt.allocate()
+    cfg = rt.loop.drafter.cfg
     prompt = PreparedPrompt("self check", torch.randn(1, cfg.text_len, cfg.text_dim,
                                                          generator=torch.Generator().manual_seed(7)))
-    rt.allocate()
     loop = rt.loop
     comps = [loop.drafter, loop.target, loop.decoder, loop.scorer]
-    loop.decide_block = pattern_decisions([True, False, True, True])
+    decide = pattern_decisions([True, False, True, True])
     outs = []
     # graphs on twice (the first pass captures: a key's first call runs eagerly; the second replays every
     # graph the prefix uses), then graphs off; the replay pass is compared with the eager one
@@ -299,7 +296,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
         for c in comps:
             if hasattr(c, "graphs"):
                 c.graphs.enabled = enabled and device.type == "cuda"
-        frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=3, max_blocks=blocks)]
+        frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=3, max_blocks=blocks, decide=decide)]
         outs.append((loop.committed_latents()[:, :, : blocks * rt.profile.video.frames_per_block].float().cpu(),
                      frames, [b["decision"] for b in rt.last_stats["blocks"]]))
     replays = sum(len(c.graphs.graphs) for c in comps if hasattr(c, "graphs"))
@@ -307,14 +304,13 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
     for c in comps:
         if hasattr(c, "graphs"):
             c.graphs.enabled = device.type == "cuda" and rt.profile.performance.cuda_graphs
-    del loop.decide_block
     (lg, fg, dg), (le, fe, de) = outs
     res = {"blocks": blocks, "decisions": dg, "graphs_replayed": replays, "latents_equal": bool(torch.equal(lg, le)),
            "latents_max_abs_diff": float((lg - le).abs().max()),
            "frames_equal": all(a.shape == b.shape and (a == b).all() for a, b in zip(fg, fe)) and dg == de}
     # the CUDA-only FFN path (GELU in the cuBLASLt epilogue) vs the plain modules, fp32 reference
     from .models.wan_dit import _ffn
-    ffn = rt._models["drafter"].blocks[0].ffn
+    ffn = rt.models["drafter"].blocks[0].ffn
     x = torch.randn(1, 256, cfg.dim, device=device, dtype=next(ffn.parameters()).dtype,
                     generator=torch.Generator(device=device).manual_seed(0))
     with torch.no_grad():
@@ -324,7 +320,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
         fused, plain = _ffn(ffn, x).float(), ffn(x).float()
     res["ffn_fused_rel_err"] = float((fused - ref).norm() / ref.norm())
     res["ffn_plain_rel_err"] = float((plain - ref).norm() / ref.norm())
-    res.update(kernel_check(rt._models["target"].cfg, device))
+    res.update(kernel_check(loop.target.cfg, device))
     log(f"  self-check (graph replay vs eager, {blocks} blocks, {dg}, {replays} graphs): latents equal {res['latents_equal']} "
         f"(max |diff| {res['latents_max_abs_diff']:.3g}), frames equal {res['frames_equal']}")
     return res

@@ -235,7 +235,7 @@ def _pkg_version() -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from .api import tensorrt_status
+    from .backends import tensorrt_status
     from .profiles import COMPONENTS, DEMO_PROFILE, load_profile
 
     info = {"versions": _versions(), "devices": [{"device": "cpu", "threads": torch.get_num_threads(),

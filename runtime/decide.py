@@ -1,8 +1,8 @@
 """What to run, in plain host data (no torch): block decisions and the lazy target-commit queue.
 
-The loop asks ``plan(mode, block)`` what to run for a block and ``decide(...)`` what to keep once the draft
-is scored; ``CommitQueue`` says which accepted drafts must reach the target's cache before the target is
-next used. Tested on CPU with hand-made scores, the way vLLM tests its scheduler.
+The loop asks ``drafts(mode, block)`` / ``scores(mode, block)`` what to run for a block, ``block_score``
+for the worst frame of a scored draft and ``decide(...)`` what to keep; ``CommitQueue`` says which
+accepted drafts must reach the target's cache before the target is next used. Tested on CPU with hand-made scores, the way vLLM tests its scheduler.
 """
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def drafts(mode: str, block: int) -> bool:
 def scores(mode: str, block: int) -> bool:
     """Whether the draft of ``block`` is decoded to scratch and scored (sdvg mode, blocks after 0)."""
     return mode == "sdvg" and block > 0
+
+
+def block_score(frame_scores: list[float]) -> float:
+    """A draft's score: its worst frame. Any non-finite frame makes it non-finite, NaN taking precedence
+    over +-inf (so one bad frame can never pass tau: a +inf minimum is rejected by ``decide``)."""
+    bad = [x for x in frame_scores if not math.isfinite(x)]
+    if bad:
+        return math.nan if any(math.isnan(x) for x in bad) else min(bad)
+    return min(frame_scores)
 
 
 def decide(mode: str, block: int, score: float | None, tau: float, finite: bool = True) -> Decision:

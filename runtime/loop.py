@@ -4,7 +4,7 @@
     for block b:
       if the drafter proposes b (sdvg: b > 0; draft mode: every block):
           xd = drafter.denoise(b)
-          sdvg: frames_d = vae.decode_scratch(xd); s = min(imagereward(frames_d))    (committed VAE untouched)
+          sdvg: frames_d = vae.decode_scratch(xd); s = block_score(imagereward(frames_d))  (worst frame)
       SYNC (the only one of the block): read the decision inputs (scores, finiteness)
       decision = decide(mode, b, s, tau, finite)
       accepted: drafter.commit(b, xd); target.commit(b, xd) now or lazily; vae.keep_scratch()
@@ -14,13 +14,14 @@
       emit(b, frames, record)
 
 Syncs: exactly one per block, at its decision point (after scoring in sdvg blocks, before denoising
-otherwise), plus one after the per-prompt preparation (to read its times) and one at the end. Each sync also completes everything the previous block enqueued, so
-block b-1's frames (copied to the host asynchronously) and its record (CUDA-event times) are emitted
-after it: once an accepted block's commit and decode are enqueued (the GPU works while the caller takes
-the frames), before a target block's work otherwise. Its committed latents and frames are checked for
-NaN/inf (``NumericalError`` naming the block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted
-blocks reach the target's cache only when the target is next needed, and those still pending at the
-end are skipped.
+otherwise), plus one after the per-prompt preparation (to read its times) and one at the end. Each sync
+also completes everything the previous block enqueued, so block b-1's frames (copied to the host
+asynchronously) and its record (CUDA-event times) are emitted after it: once an accepted block's commit
+and decode are enqueued (the GPU works while the caller takes the frames), before a target block's work
+otherwise. Its committed latents and frames are checked for NaN/inf (``NumericalError`` naming the
+block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted blocks
+reach the target's cache only when the target is next needed, and those still pending at the end are
+skipped.
 
 Noise comes only from the (seed, block, step) stream of each denoiser, so decisions never shift it and
 ``sdvg`` with tau = +inf reproduces ``target`` bit for bit.
@@ -31,44 +32,16 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .decide import ACCEPTED, CommitQueue, check_mode, check_tau, decide, drafts, scores
+from .components import Decoder, Denoiser, Scorer
+from .decide import ACCEPTED, CommitQueue, Decision, block_score, check_mode, check_tau, decide, drafts, scores
 from .errors import NumericalError
 from .models.imagereward import quantise_frames
 from .stats import BlockRecord, Timer, summarize
-
-
-class Denoiser(Protocol):
-    """One DiT with its own KV cache, text K/V, noise stream and buffers (``backends.torch_backend``)."""
-
-    def prepare(self, context: torch.Tensor) -> None: ...
-    def set_seed(self, seed: int) -> None: ...
-    def denoise_block(self, block: int) -> torch.Tensor: ...  # clean latent [1, C, F, h, w], the component's buffer
-    def commit_block(self, block: int, x: torch.Tensor) -> None: ...
-    def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None: ...
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-
-
-class Decoder(Protocol):
-    """The streaming VAE with a committed and a scratch state."""
-
-    def reset(self) -> None: ...
-    def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor: ...  # [1, 3, f, H, W] in [-1, 1]
-    def keep_scratch(self) -> None: ...
-    def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor: ...
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-
-
-class Scorer(Protocol):
-    """ImageReward on decoded frames, prompt tokens prepared once."""
-
-    def prepare(self, prompt: str) -> None: ...
-    def score(self, frames: torch.Tensor) -> torch.Tensor: ...  # [1, 3, f, H, W] -> [f] float32 (device)
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +61,18 @@ class BlockOutput:
     record: BlockRecord
 
 
+DecideFn = Callable[..., Decision]  # (mode, block, score, tau, finite) -> Decision, as ``decide.decide``
+
+
+class Status:
+    """Slots of the loop's status vector, read on the host at each sync."""
+
+    LATENTS = 0  # fp32 sum of the committed latents of the block in flight (finite iff they are)
+    FRAMES = 1  # fp32 sum of its committed frames
+    DRAFT = 2  # fp32 sum of the current draft
+    SCORES = 3  # the draft's per-frame scores, from here on
+
+
 def _finite_sum(x: torch.Tensor, out: torch.Tensor) -> None:
     """Sum of ``x`` in fp32 into the 0-dim ``out`` (a status slot): non-finite iff ``x`` holds NaN or inf (or
     values so large that they overflow fp32 summed, which a working model never produces). One reduction,
@@ -100,8 +85,10 @@ class SpeculativeLoop:
 
     def __init__(self, drafter: Denoiser, target: Denoiser, decoder: Decoder, scorer: Scorer, *, num_blocks: int,
                  frames_per_block: int, latent_hw: tuple[int, int], pixel_hw: tuple[int, int], latent_channels: int,
-                 dtype: torch.dtype, device, lazy_commit: bool = True, fused_commits: bool = False):
+                 dtype: torch.dtype, device, lazy_commit: bool = True, fused_commits: bool = False,
+                 decide: DecideFn = decide):
         self.drafter, self.target, self.decoder, self.scorer = drafter, target, decoder, scorer
+        self.decide = decide
         self.num_blocks, self.frames_per_block = num_blocks, frames_per_block
         self.device = torch.device(device)
         self.lazy_commit, self.fused_commits = lazy_commit, fused_commits
@@ -112,20 +99,15 @@ class SpeculativeLoop:
         # committed latents of the video, one contiguous [1, C, F, h, w] per block
         self.latents = torch.zeros(num_blocks, 1, latent_channels, frames_per_block, h, w, dtype=dtype,
                                    device=device)
-        # read at each sync: fp32 sums of [committed latents, committed frames, draft] (each finite iff its
-        # tensor is), then the draft's per-frame scores
-        self.status = torch.zeros(3 + self.max_frames, dtype=torch.float32, device=device)
-        self.status_host = torch.zeros(3 + self.max_frames, dtype=torch.float32, pin_memory=cuda)
+        # read at each sync: fp32 sums of the committed latents, committed frames and draft (each finite iff
+        # its tensor is), then the draft's per-frame scores (slots: ``Status``)
+        self.status = torch.zeros(Status.SCORES + self.max_frames, dtype=torch.float32, device=device)
+        self.status_host = torch.zeros(Status.SCORES + self.max_frames, dtype=torch.float32, pin_memory=cuda)
         self.frames_dev = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, device=device)
         self.frames_host = torch.zeros(self.max_frames, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
         self.timer = Timer(self.device)
         # uint8 quantisation of a block's frames computes here (float32 [frames, H, W, 3]), not in temporaries
         self.frames_levels = torch.zeros(self.max_frames, H, W, 3, dtype=torch.float32, device=device)
-
-    def decide_block(self, mode: str, block: int, score, tau: float, finite: bool):
-        """The decision for one block (``decide.decide``). An instance may replace it, e.g. the benchmark's
-        fixed acceptance patterns (``bench.pattern_decisions``)."""
-        return decide(mode, block, score, tau, finite)
 
     # ---- per prompt ------------------------------------------------------------------------------
     def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
@@ -149,14 +131,17 @@ class SpeculativeLoop:
 
     # ---- one video -------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, prompt: PreparedPrompt, *, mode: str, tau: float, seed: int,
-            max_blocks: int | None = None) -> Iterator[BlockOutput]:
+    def run(self, prompt: PreparedPrompt, *, mode: str, tau: float, seed: int, max_blocks: int | None = None,
+            decide: DecideFn | None = None) -> Iterator[BlockOutput]:
         """Generate one video block by block; yields each committed block once its frames are on the host.
+        ``decide`` replaces the loop's decision function for this video (e.g. the benchmark's fixed
+        acceptance patterns, ``bench.pattern_decisions``).
 
         The generator's return value (``StopIteration.value``, or ``self.summary`` after exhaustion) is the
         video's summary dict (spec §3 totals).
         """
         mode, tau = check_mode(mode), check_tau(tau)
+        decide = self.decide if decide is None else decide
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -174,28 +159,25 @@ class SpeculativeLoop:
             if drafts(mode, b):
                 with self.timer.span("draft_denoise", b):
                     xd = self.drafter.denoise_block(b)
-                _finite_sum(xd, out=self.status[2])
+                _finite_sum(xd, out=self.status[Status.DRAFT])
                 if scores(mode, b):
                     with self.timer.span("vae_decode_scratch", b):
                         frames_d = self.decoder.decode_scratch(xd, b)
                     with self.timer.span("score", b):
                         s = self.scorer.score(frames_d)
-                    self.status[3:3 + s.shape[0]].copy_(s)
+                    self.status[Status.SCORES:Status.SCORES + s.shape[0]].copy_(s)
             # 2. the block's one sync: completes block b-1 and reads b's decision inputs
             self._sync_status()
             st = self.status_host
-            nf = frames_d.shape[2] if frames_d is not None else 0
-            if frames_d is not None:  # worst-frame aggregation; any NaN/inf frame makes the block's score non-finite
-                rec.scores = [float(x) for x in st[3:3 + nf].tolist()]
-                bad = [x for x in rec.scores if not math.isfinite(x)]
-                nan = any(math.isnan(x) for x in bad)
-                rec.min_score = (math.nan if nan else min(bad)) if bad else min(rec.scores)
-            d = self.decide_block(mode, b, rec.min_score, tau,
-                                  finite=math.isfinite(float(st[2])) if drafts(mode, b) else True)
+            if frames_d is not None:
+                rec.scores = [float(x) for x in st[Status.SCORES:Status.SCORES + frames_d.shape[2]].tolist()]
+                rec.min_score = block_score(rec.scores)
+            d = decide(mode, b, rec.min_score, tau,
+                       finite=math.isfinite(float(st[Status.DRAFT])) if drafts(mode, b) else True)
             rec.decision, rec.reason = d.kind, d.reason
             # 3. execute the decision. Block b-1 is handed out while the GPU runs an accepted block's
             # commit and decode; before a target block, whose large graph launch can hold the host for
-            # much of its run (that delayed block 0's frames by a whole block)
+            # much of its run
             if pending is not None and d.kind != ACCEPTED:
                 yield self._emit(pending, records)
                 pending = None
@@ -231,8 +213,8 @@ class SpeculativeLoop:
             # 4. committed frames -> uint8 on the device -> host (async); checked at the next sync
             nf = frames.shape[2]
             rec.frames = nf
-            _finite_sum(self.latents[b], out=self.status[0])
-            _finite_sum(frames, out=self.status[1])
+            _finite_sum(self.latents[b], out=self.status[Status.LATENTS])
+            _finite_sum(frames, out=self.status[Status.FRAMES])
             self.frames_dev[:nf].copy_(quantise_frames(frames[0].permute(1, 2, 3, 0), out=self.frames_levels[:nf]))
             self.frames_host[:nf].copy_(self.frames_dev[:nf], non_blocking=True)
             pending = rec
@@ -260,11 +242,11 @@ class SpeculativeLoop:
     def _emit(self, rec: BlockRecord, records: list[BlockRecord]) -> BlockOutput:
         """After a sync: check block ``rec.block``'s committed latents/frames, collect its times, hand it out."""
         st = self.status_host
-        if not math.isfinite(float(st[0])):
+        if not math.isfinite(float(st[Status.LATENTS])):
             raise NumericalError(
                 f"block {rec.block}: the committed latents ({rec.decision}) contain NaN or inf. The model "
                 "diverged; check the checkpoints and the precision (fp16 overflows more easily than bf16)")
-        if not math.isfinite(float(st[1])):
+        if not math.isfinite(float(st[Status.FRAMES])):
             raise NumericalError(
                 f"block {rec.block}: the decoded frames contain NaN or inf although the latents are finite; "
                 "check the VAE checkpoint and precision")

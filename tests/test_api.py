@@ -115,7 +115,7 @@ def test_tensorrt_parts_load_no_torch_weights_and_go_through_the_trt_factory(tin
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     r = sdvg_rt.Runtime.from_profile(demo_profile(tiny_dir, **SMALL), "cpu", text_encoder=False,
                                      backends__target="tensorrt")
-    assert "target" not in r._models and "drafter" in r._models  # the 14B lives in its engines only
+    assert "target" not in r.models and "drafter" in r.models  # the 14B lives in its engines only
     with pytest.raises(BackendUnavailableError, match="CUDA GPU"):
         r.allocate()
 

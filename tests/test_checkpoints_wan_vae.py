@@ -16,8 +16,9 @@ from sdvg_rt.checkpoints.wan_vae import (
     to_diffusers,
     write_synthetic_vae,
 )
+from sdvg_rt.backends.torch_backend import vae_decoder
 from sdvg_rt.errors import CheckpointError
-from sdvg_rt.models.wan_vae import VAE_PRESETS, VAEStream, WanVAEConfig, WanVAEDecoder
+from sdvg_rt.models.wan_vae import VAE_PRESETS, WanVAEConfig, WanVAEDecoder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,7 +115,7 @@ def test_diffusers_folder_loads_in_diffusers_and_in_ours(files):
     std = torch.tensor(cfg.latents_std, dtype=torch.float64).view(1, -1, 1, 1, 1)
     with torch.no_grad():
         want = ref.to(torch.float64).decode(z * std + mean).sample
-    got = VAEStream(model, 2, 3).decode_commit(z, 0)
+    got = vae_decoder(model, 2, 3).decode_commit(z, 0)
     assert got.shape == want.shape == (1, 3, 5, 16, 24)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # fp64; diffusers' fp32 upsample cast
 
@@ -124,7 +125,7 @@ def test_load_vae_decoder_dtype_device_and_fp32_constants(files):
     assert model.conv2.weight.dtype == torch.bfloat16 and not model.training
     assert model.decoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert model.latents_mean.dtype == torch.float32 and model.latents_mean.device.type == "cpu"
-    frames = VAEStream(model, 2, 3).decode_commit(torch.randn(1, 16, 1, 2, 3), 0)
+    frames = vae_decoder(model, 2, 3).decode_commit(torch.randn(1, 16, 1, 2, 3), 0)
     assert frames.shape == (1, 3, 1, 16, 24) and torch.isfinite(frames).all()
 
 
@@ -136,7 +137,7 @@ def test_full_size_synthetic_weights_decode_to_finite_frames():
         model = WanVAEDecoder(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to("cpu").eval()
-    frames = VAEStream(model, 2, 2).decode_commit(torch.randn(1, 16, 2, 2, 2), 0)
+    frames = vae_decoder(model, 2, 2).decode_commit(torch.randn(1, 16, 2, 2, 2), 0)
     assert frames.shape == (1, 3, 5, 16, 16)
     assert torch.isfinite(frames).all() and (frames.abs() < 1).float().mean() > 0.2
 

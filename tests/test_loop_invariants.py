@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import sdvg_rt.loop as loop_mod
 from sdvg_rt.api import Runtime
-from sdvg_rt.backends.torch_backend import TorchDenoiser
+from sdvg_rt.backends.torch_backend import TorchDiTStep, vae_decoder
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
-from sdvg_rt.decide import ACCEPTED, REJECTED, Decision
+from sdvg_rt.components import Denoiser
+from sdvg_rt.decide import ACCEPTED, REJECTED, Decision, decide
 from sdvg_rt.errors import NumericalError
 from sdvg_rt.models.imagereward import frames_to_uint8
-from sdvg_rt.models.wan_vae import VAEStream
 from sdvg_rt.profiles import demo_profile
 
 SMALL = dict(width=32, height=32, latent_frames=3, frames_per_block=1, window_frames=3)
@@ -55,19 +54,18 @@ def run(rt, prompt=0, *, mode="sdvg", tau=0.0, lazy=True, pattern=None, seed=0):
             noise.append((_name, block, _den.noise.out.clone()))
             return out
         den.denoise_block = wrapped
-    real_decide, real_sync = loop_mod.decide, lp._sync
+    real_decide, real_sync = decide, lp._sync
 
     def fake_decide(mode_, block, score, tau_, finite=True):
         d = real_decide(mode_, block, score, tau_, finite)
         return Decision(pattern[block], "forced by the test") if pattern and mode_ == "sdvg" and block else d
-    lp.decide_block = fake_decide  # the loop's per-instance decision hook (as the benchmark uses it)
     lp._sync = lambda: (syncs.append(1), real_sync())
     lp.lazy_commit = lazy
     try:
-        res = rt.generate(rt.prompts[prompt], seed=seed, tau=tau, mode=mode)
+        res = rt.generate(rt.prompts[prompt], seed=seed, tau=tau, mode=mode, decide=fake_decide)  # as the benchmark
     finally:
         lp.lazy_commit = True
-        del lp._sync, lp.decide_block
+        del lp._sync
         for name, orig in saved.items():
             del getattr(lp, name).denoise_block
     return dict(res=res, noise=noise, syncs=len(syncs), kv={n: getattr(lp, n).cache.kv.clone()
@@ -129,15 +127,15 @@ def test_decisions_never_shift_the_noise(runs):
 def test_video_after_a_reject_equals_a_fresh_decode_of_the_committed_latents(rt, runs):
     for key in ("far_lazy", "inf", "-inf"):
         res = runs[key]["res"]
-        stream = VAEStream(rt._models["vae"], 4, 4, torch.float32, "cpu")
+        stream = vae_decoder(rt.models["vae"], 4, 4, torch.float32, "cpu")
         frames = [frames_to_uint8(stream.decode_commit(res.latents[:, :, b:b + 1], b)[0].permute(1, 2, 3, 0))
                   for b in range(3)]
         assert np.array_equal(torch.cat(frames).numpy(), res.frames), key
 
 
 def _fresh_cache(rt, kind, prompt, latents, blocks):
-    den = TorchDenoiser(rt._models[kind], kind, latent_shape=(1, 4, 4), window_frames=3, sink_frames=0,
-                        schedule=rt.loop.drafter.schedule, device="cpu", dtype=torch.float32)
+    den = Denoiser(TorchDiTStep(rt.models[kind]), kind, latent_shape=(1, 4, 4), window_frames=3,
+                   sink_frames=0, schedule=rt.loop.drafter.schedule, device="cpu", dtype=torch.float32)
     den.prepare(prompt.context)
     for b in blocks:
         den.commit_block(b, latents[:, :, b:b + 1].contiguous())
@@ -239,8 +237,8 @@ def test_fused_multi_block_commit_matches_per_block_commits(rt, runs):
     xs = torch.stack([latents[:, :, b:b + 1].contiguous() for b in range(3)])
     kvs = []
     for fused in (False, True):
-        den = TorchDenoiser(rt._models["target"], "target", latent_shape=(1, 4, 4), window_frames=3,
-                            sink_frames=0, schedule=rt.loop.target.schedule, device="cpu", dtype=torch.float32)
+        den = Denoiser(TorchDiTStep(rt.models["target"]), "target", latent_shape=(1, 4, 4), window_frames=3,
+                       sink_frames=0, schedule=rt.loop.target.schedule, device="cpu", dtype=torch.float32)
         den.prepare(rt.prompts[0].context)
         den.commit_blocks([0, 1, 2], xs, fused=fused)
         kvs.append(den.cache.kv)

@@ -21,11 +21,12 @@ from sdvg_export.onnx_export import DiTContextGraph, DiTStepGraph, ScorerGraph, 
 from sdvg_rt import io_spec
 from sdvg_rt.backends import tensorrt_backend as tb
 from sdvg_rt.backends.graphs import CudaGraphs
-from sdvg_rt.backends.torch_backend import TorchDecoder, TorchDenoiser, TorchScorer
+from sdvg_rt.backends.torch_backend import TorchDiTStep, TorchScoreStep, vae_decoder
+from sdvg_rt.components import Decoder, Denoiser, Scorer
 from sdvg_rt.errors import BackendUnavailableError, EngineMismatchError
 from sdvg_rt.models.imagereward import ImageReward, ImageRewardConfig
 from sdvg_rt.models.wan_dit import WanDiT, WanDiTConfig
-from sdvg_rt.models.wan_vae import VAEStream, WanVAEConfig, WanVAEDecoder
+from sdvg_rt.models.wan_vae import WanVAEConfig, WanVAEDecoder
 from sdvg_rt.schedule import Schedule
 
 # fp32 everywhere: both paths run the same torch ops on the same values in the same key order, so
@@ -203,8 +204,8 @@ def denoisers(fake_trt):
     memory = tb.ActivationMemory([step, ctx], "cpu")
     kw = dict(latent_shape=(3, geo.latent_height, geo.latent_width), window_frames=geo.window_frames,
               sink_frames=geo.sink_frames, schedule=SCHED, device="cpu", dtype=torch.float32)
-    trt_d = tb.TrtDenoiser(step, ctx, memory, cfg, "drafter", num_blocks=geo.num_blocks, **kw)
-    torch_d = TorchDenoiser(model, "drafter", **kw)
+    trt_d = Denoiser(tb.TrtDiTStep(step, ctx, memory, cfg, "cpu"), "drafter", num_blocks=geo.num_blocks, **kw)
+    torch_d = Denoiser(TorchDiTStep(model), "drafter", **kw)
     return trt_d, torch_d, geo
 
 
@@ -225,7 +226,7 @@ def test_denoiser_matches_torch_backend_through_the_ring_phase(denoisers):
         # the engine wrote this block's K/V straight into the cache slots (and nothing else)
         torch.testing.assert_close(trt_d.cache.kv, torch_d.cache.kv, **TOL)
     # each block used its own context, bound once: 4 denoise steps + 1 commit
-    assert [trt_d.step.contexts[b].runs for b in range(geo.num_blocks)] == [5] * geo.num_blocks
+    assert [trt_d.step.engine.contexts[b].runs for b in range(geo.num_blocks)] == [5] * geo.num_blocks
 
 
 def test_denoiser_binds_the_cache_slots_by_address(denoisers):
@@ -235,9 +236,9 @@ def test_denoiser_binds_the_cache_slots_by_address(denoisers):
     for b in range(geo.num_blocks):
         s = trt_d.cache.slots(b)
         ws, re = s.write_start, s.read_end
-        addr = trt_d.step.addresses[b]
-        ctx = trt_d.step.contexts[b]
-        empty = trt_d.memory.ptr  # an empty segment is bound to a valid non-null address, never read
+        addr = trt_d.step.engine.addresses[b]
+        ctx = trt_d.step.engine.contexts[b]
+        empty = trt_d.step.memory.ptr  # an empty segment is bound to a valid non-null address, never read
         for i in range(trt_d.cfg.num_layers):
             for j, a in enumerate("kv"):
                 assert addr[f"{a}_head.{i}"] == (kv[i, j].data_ptr() if ws else empty)
@@ -246,15 +247,15 @@ def test_denoiser_binds_the_cache_slots_by_address(denoisers):
                 assert ctx.shapes[f"{a}_head.{i}"][0] == ws
                 assert ctx.shapes[f"{a}_tail.{i}"][0] == re - ws - n
         saw_ring |= 0 < ws and re - ws - n > 0
-        cos, _ = trt_d.rope[b]
+        cos, _ = trt_d.step.rope[b]
         assert addr["rope_cos"] == cos.data_ptr() and addr["x"] == trt_d.x.data_ptr()
-        assert ctx.memory == (trt_d.memory.ptr, trt_d.memory.size)
+        assert ctx.memory == (trt_d.step.memory.ptr, trt_d.step.memory.size)
     assert saw_ring, "the geometry must exercise a block with both a head and a tail segment"
 
 
 def test_false_from_execute_async_v3_raises_naming_the_engine(denoisers):
     trt_d, _, _ = denoisers
-    trt_d.step.contexts[0].engine.fail = True
+    trt_d.step.engine.contexts[0].engine.fail = True
     with pytest.raises(tb.EngineRunError, match=r"execute_async_v3 failed for engine .*drafter\.step\.plan"):
         trt_d.denoise_block(0)
 
@@ -267,8 +268,8 @@ def test_shape_outside_the_profile_asks_for_a_rebuild(fake_trt):
     ctx = fake_trt(io_spec.dit_context_io("drafter", cfg, "fp32"), DiTContextGraph(model))
     memory = tb.ActivationMemory([step, ctx], "cpu")
     with pytest.raises(EngineMismatchError, match=r"outside the engine's optimization profile.*sdvg_export build"):
-        tb.TrtDenoiser(step, ctx, memory, cfg, "drafter", latent_shape=(3, 4, 4), window_frames=9, sink_frames=3,
-                       schedule=SCHED, device="cpu", dtype=torch.float32, num_blocks=5)
+        Denoiser(tb.TrtDiTStep(step, ctx, memory, cfg, "cpu"), "drafter", latent_shape=(3, 4, 4), window_frames=9,
+                 sink_frames=3, schedule=SCHED, device="cpu", dtype=torch.float32, num_blocks=5)
 
 
 def test_engine_checks_dtype_alignment_and_io(fake_trt):
@@ -310,8 +311,8 @@ def decoders(fake_trt):
     first = fake_trt(io_first, VAEFirstGraph(vae))
     step = fake_trt(io_step, VAEStepGraph(vae))
     memory = tb.ActivationMemory([first, step], "cpu")
-    trt_v = tb.TrtDecoder(first, step, memory, io_first, io_step, "cpu", use_cuda_graphs=False)
-    torch_v = TorchDecoder(VAEStream(vae, geo.latent_height, geo.latent_width, torch.float32, "cpu"))
+    trt_v = Decoder(tb.TrtVAEStep(first, step, memory, "cpu"), io_first, io_step, "cpu", graphs=False)
+    torch_v = vae_decoder(vae, geo.latent_height, geo.latent_width, torch.float32, "cpu")
     return trt_v, torch_v, geo
 
 
@@ -328,21 +329,22 @@ def test_decoder_double_buffering_matches_torch_and_binds_by_parity(decoders):
     same(trt_v.decode_scratch(z[1], 1), torch_v.decode_scratch(z[1], 1))     # a draft ...
     trt_v.keep_scratch()
     torch_v.keep_scratch()                                                   # ... accepted
-    committed = [s.clone() for s in trt_v.committed]
+    committed = [s.clone() for s in trt_v.committed.slots]
     same(trt_v.decode_scratch(z[2], 2), torch_v.decode_scratch(z[2], 2))     # a draft, rejected:
-    for a, b in zip(trt_v.committed, committed):                             # the committed state is
+    for a, b in zip(trt_v.committed.slots, committed):                             # the committed state is
         assert torch.equal(a, b)                                             # untouched (bit for bit)
     frames = trt_v.decode_commit(z[3], 2)                                    # the target's block
     same(frames, torch_v.decode_commit(z[3], 2))
     assert frames.shape == (1, 3, 12, 8 * geo.latent_height, 8 * geo.latent_width)
-    for a, b in zip(trt_v.committed, torch_v.stream.committed.slots):
+    for a, b in zip(trt_v.committed.slots, torch_v.committed.slots):
         same(a, b)
     # the step context of parity p reads state p and writes state 1 - p, by address
     for p in (0, 1):
-        addr = trt_v.step.addresses[("step", p, 1 - p)]
-        for j in range(len(trt_v.states[0])):
-            assert addr[f"state_in.{j}"] == trt_v.states[p][j].data_ptr()
-            assert addr[f"state_out.{j}"] == trt_v.states[1 - p][j].data_ptr()
+        addr = trt_v.step.step.addresses[("step", p, 1 - p)]
+        states = trt_v.state.states
+        for j in range(len(states[0].slots)):
+            assert addr[f"state_in.{j}"] == states[p].slots[j].data_ptr()
+            assert addr[f"state_out.{j}"] == states[1 - p].slots[j].data_ptr()
 
 
 def test_scorer_matches_torch_and_reads_the_decoder_buffer_in_place(decoders, fake_trt):
@@ -358,8 +360,8 @@ def test_scorer_matches_torch_and_reads_the_decoder_buffer_in_place(decoders, fa
     mask = torch.zeros(1, 35, dtype=torch.int64)
     mask[0, :12] = 1
     tok = lambda prompt: (ids, mask)  # noqa: E731 - both scorers get the same tokens
-    trt_s = tb.TrtScorer(e, tb.ActivationMemory([e], "cpu"), io, tok, "cpu", use_cuda_graphs=False)
-    torch_s = TorchScorer(ir, tok, "cpu")
+    trt_s = Scorer(tb.TrtScoreStep(e, tb.ActivationMemory([e], "cpu"), io, "cpu"), tok, io, "cpu", graphs=False)
+    torch_s = Scorer(TorchScoreStep(ir), tok, io, "cpu")
     trt_s.prepare("p")
     torch_s.prepare("p")
     trt_v.reset()
@@ -374,7 +376,7 @@ def test_scorer_matches_torch_and_reads_the_decoder_buffer_in_place(decoders, fa
         assert e.addresses[(frames.shape[2], frames.data_ptr())]["frames"] == frames.data_ptr()  # zero copy
     strided = torch.randn(1, 12, 3, 16, 16).transpose(1, 2)  # not contiguous: copied into the scorer's buffer
     trt_s.score(strided)
-    assert e.addresses[(12, trt_s._frames.data_ptr())]["frames"] == trt_s._frames.data_ptr()
+    assert e.addresses[(12, trt_s.step._frames.data_ptr())]["frames"] == trt_s.step._frames.data_ptr()
 
 
 # --------------------------------------------------------------------------------------------------

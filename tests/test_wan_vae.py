@@ -18,15 +18,16 @@ import torch
 import torch.nn.functional as F
 from sdvg_rt.checkpoints.wan_vae import from_diffusers
 from sdvg_rt.models import wan_vae
+from sdvg_rt.backends.torch_backend import vae_decoder
 from sdvg_rt.models.wan_vae import (
     VAE_PRESETS,
     VAEState,
-    VAEStream,
     WanVAEConfig,
     WanVAEDecoder,
     set_subpixel_upsample,
     subpixel_weight,
 )
+from sdvg_rt.vae_state import VAEStatePair
 
 H, W = 2, 3  # latent size of the tests
 N_LAT = 9  # latents in the test video
@@ -121,7 +122,7 @@ def _split(z, sizes):
 def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts, subpixel):
     _, mine, z, ref_frames = parity64
     assert ref_frames.shape == (1, 3, 1 + 4 * (N_LAT - 1), 8 * H, 8 * W)
-    stream = VAEStream(mine, H, W)
+    stream = vae_decoder(mine, H, W)
     outs = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z, sizes))]
     assert [o.shape[2] for o in outs] == counts
     assert [mine.config.frames_out(n, b == 0) for b, n in enumerate(sizes)] == counts
@@ -149,13 +150,13 @@ def test_self_forcing_convention_matches_zero_cache_reference(parity64, subpixel
         ref_frames = torch.cat(
             [ref.decoder(x[:, :, i:i + 1], feat_cache=feat, feat_idx=[0]) for i in range(z.shape[2])], dim=2
         ).clamp(-1, 1)[:, :, 3:]
-    stream = VAEStream(mine, H, W, convention="self_forcing")
+    stream = vae_decoder(mine, H, W, convention="self_forcing")
     outs = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z, (3, 3)))]
     assert [o.shape[2] for o in outs] == [9, 12]
     assert mine.config.frames_out(3, True, "self_forcing") == 9
     torch.testing.assert_close(torch.cat(outs, 2), ref_frames, rtol=0, atol=1e-6)  # fp64, see above
     # and it really differs from the reference convention on block 0
-    ref_conv = VAEStream(mine, H, W).decode_commit(z[:, :, :3], 0)
+    ref_conv = vae_decoder(mine, H, W).decode_commit(z[:, :, :3], 0)
     assert (ref_conv - outs[0]).abs().max() > 1e-3
 
 
@@ -165,7 +166,7 @@ def test_self_forcing_convention_matches_zero_cache_reference(parity64, subpixel
 
 def test_scratch_decode_leaves_committed_bit_identical(tiny32):
     model, z = tiny32
-    stream = VAEStream(model, H, W)
+    stream = vae_decoder(model, H, W)
     stream.decode_commit(z[:, :, :3], 0)
     before = stream.committed.clone()
     scratch_before = stream.scratch.clone()
@@ -178,7 +179,7 @@ def test_scratch_decode_leaves_committed_bit_identical(tiny32):
 
 def test_keep_scratch_is_a_swap_of_references(tiny32):
     model, z = tiny32
-    stream = VAEStream(model, H, W)
+    stream = vae_decoder(model, H, W)
     ptrs_c, ptrs_s = stream.committed.data_ptrs(), stream.scratch.data_ptrs()
     stream.decode_scratch(z[:, :, :3], 0)
     new_history = stream.scratch.clone()
@@ -195,10 +196,10 @@ def test_reject_path_equals_fresh_decode_and_states_are_never_reallocated(tiny32
     z0, z1, z2 = _split(z, (3, 3, 3))
     draft = z1 * 0.5 - 0.3
 
-    fresh = VAEStream(model, H, W)
+    fresh = vae_decoder(model, H, W)
     want = [fresh.decode_commit(zb, b) for b, zb in enumerate((z0, z1, z2))]
 
-    stream = VAEStream(model, H, W)
+    stream = vae_decoder(model, H, W)
     ptrs = sorted(stream.committed.data_ptrs() + stream.scratch.data_ptrs())
     got = [stream.decode_commit(z0, 0)]
     frames_d = stream.decode_scratch(draft, 1)  # the draft: decoded, scored, rejected (never kept)
@@ -220,7 +221,7 @@ def test_in_place_state_and_functional_forward(tiny32):
     """decode(state_in is state_out) and the export form forward(z, *history) agree with the stream."""
     model, z = tiny32
     z0, z1 = z[:, :, :3], z[:, :, 3:6]
-    stream = VAEStream(model, H, W)
+    stream = vae_decoder(model, H, W)
     stream.decode_commit(z0, 0)
     hist = stream.committed.clone()
     want = stream.decode_commit(z1, 1)
@@ -237,7 +238,7 @@ def test_channels_last_matches_contiguous(tiny32, subpixel):
     cl = WanVAEDecoder(model.config).eval()
     cl.load_state_dict(model.state_dict())
     cl.to_channels_last()
-    a, b = VAEStream(model, H, W), VAEStream(cl, H, W)
+    a, b = vae_decoder(model, H, W), vae_decoder(cl, H, W)
     assert b.committed.slots[0].is_contiguous(memory_format=torch.channels_last_3d)
     for blk, zb in enumerate(_split(z[:, :, :6], (3, 3))):
         # fp32, same maths in another memory layout: the conv kernels may sum in another order (~1e-7
@@ -254,7 +255,7 @@ def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64, subpixel):
     want = want[:, :, :21]  # causal: the first 6 latents' frames do not depend on later latents
     m16 = copy.deepcopy(mine).to(torch.bfloat16)
     assert m16.latents_std.dtype == torch.float32 and m16.latents_std[0, 0, 0, 0, 0] == 2.8184
-    stream = VAEStream(m16, H, W)
+    stream = vae_decoder(m16, H, W)
     assert stream.committed.slots[0].dtype == torch.bfloat16
     got = torch.cat([stream.decode_commit(zb.to(torch.bfloat16), b) for b, zb in enumerate(_split(z, (3, 3)))], 2)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
@@ -314,18 +315,18 @@ def test_subpixel_fold_follows_weight_changes(tiny32):
     m = copy.deepcopy(model)
     try:
         set_subpixel_upsample("3x3")
-        a = VAEStream(m, H, W).decode_commit(z[:, :, :3], 0)
+        a = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
         with torch.no_grad():
             for mod in m.modules():
                 if isinstance(mod, wan_vae.Resample):
                     mod.resample[1].weight.mul_(-0.5)  # in place: same storage, new version
-        b = VAEStream(m, H, W).decode_commit(z[:, :, :3], 0)
+        b = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
         set_subpixel_upsample("off")
         assert not torch.equal(a, b)
-        torch.testing.assert_close(b, VAEStream(m, H, W).decode_commit(z[:, :, :3], 0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0), rtol=0, atol=1e-5)
         m64 = m.double()  # new storages
         set_subpixel_upsample("3x3")
-        c = VAEStream(m64, H, W).decode_commit(z[:, :, :3].double(), 0)
+        c = vae_decoder(m64, H, W).decode_commit(z[:, :, :3].double(), 0)
         assert c.dtype == torch.float64
         torch.testing.assert_close(c, b.double(), rtol=0, atol=1e-5)
     finally:
@@ -362,7 +363,7 @@ def _conv_input_layouts(model, z, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(F, "conv3d", conv3d_cl)
         mp.setattr(F, "conv2d", conv2d_cl)
-        stream = VAEStream(model, H, W)
+        stream = vae_decoder(model, H, W)
         frames = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z[:, :, :6], (3, 3)))]
     assert len(seen) == 2 * (1 + 32 + 1)  # conv2, the 32 causal convs (wan-models.md §5), the shortcut
     return all(seen), frames
@@ -454,7 +455,7 @@ def test_state_slots_and_nbytes_match_the_spec():
     n = cfg.state_nbytes(60, 104, torch.float16)
     assert n == sum(math.prod(s) for s in spec) * 2
     assert 1.75 < n / 2**30 < 1.78  # "about 1.76 GiB in fp16"
-    assert VAEStream.nbytes_for(cfg, 60, 104, torch.bfloat16) == 2 * n
+    assert VAEStatePair.nbytes_for(cfg, 60, 104, torch.bfloat16) == 2 * n
     with torch.device("meta"):
         model = WanVAEDecoder(cfg)
         state = model.new_state(60, 104, torch.float16)
@@ -472,13 +473,13 @@ def test_output_padding_is_the_same_function(tiny32, monkeypatch):
     monkeypatch.setattr(wan_vae.F, "conv3d", lambda x, w, *a: calls.append(w.shape[0]) or real(x, w, *a))
     try:
         wan_vae.set_output_padding("off")
-        plain = VAEStream(model, H, W).decode_commit(z[:, :, :3], 0)
+        plain = vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0)
         assert 24 not in calls
         wan_vae.set_output_padding("auto")  # CPU: off
-        assert torch.equal(VAEStream(model, H, W).decode_commit(z[:, :, :3], 0), plain)
+        assert torch.equal(vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0), plain)
         assert 24 not in calls
         wan_vae.set_output_padding("on")
-        padded = VAEStream(model, H, W).decode_commit(z[:, :, :3], 0)
+        padded = vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0)
         assert 24 in calls
         torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
         with pytest.raises(ValueError, match="output padding mode"):

@@ -1,1 +1,70 @@
-"""Execution backends (torch, tensorrt), chosen per component in the profile."""
+"""Execution backends, chosen per part in the profile (``backends.<part>: torch | tensorrt``).
+
+A backend supplies one *step* per part with the engine's I/O signature (``io_spec``): torch steps adapt
+the modules (``torch_backend``), TensorRT steps enqueue engines (``tensorrt_backend``). The per-block
+recipe around a step is written once, in ``sdvg_rt.components``. This module makes the choice, in one
+place: ``check`` (before anything is loaded), ``torch_parts`` (which weights to load), ``build`` (the steps).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import BackendUnavailableError
+from ..io_spec import PARTS
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, detail) from ``tensorrt_backend.tensorrt_module`` (a bare import can succeed on a stub)."""
+    from .tensorrt_backend import tensorrt_module
+
+    try:
+        trt = tensorrt_module()
+    except BackendUnavailableError as e:
+        return False, str(e)
+    return True, f"tensorrt {getattr(trt, '__version__', '?')}"
+
+
+def check_backend(component: str, name: str) -> None:
+    """The gate, before anything is loaded: ``torch`` is always usable; ``tensorrt`` needs an importable
+    TensorRT with a ``Builder`` (its engines and manifest are checked when they are opened)."""
+    if name == "torch":
+        return
+    usable, detail = tensorrt_status()
+    if not usable:
+        raise BackendUnavailableError(
+            f"backends.{component} is '{name}' but TensorRT is not usable here: {detail}. Install TensorRT "
+            f"(pip install 'sdvg-rt[trt]' tensorrt) and build the engines (make engines PROFILE=<profile>), or "
+            f"set backends.{component}: torch in the profile (or pass backends__{component}='torch')")
+
+
+def check(profile) -> None:
+    """Every part's backend is usable here (``check_backend``)."""
+    for part in PARTS:
+        check_backend(part, getattr(profile.backends, part))
+
+
+def torch_parts(profile) -> list[str]:
+    """The parts that run on torch (their weights are loaded; TensorRT parts live in their engines)."""
+    return [p for p in PARTS if getattr(profile.backends, p) == "torch"]
+
+
+def build(profile, models: dict, device, *, engines_dir=None) -> dict[str, Any]:
+    """One step per part, torch or TensorRT as the profile says: ``drafter``, ``target`` (DiT steps),
+    ``vae`` (VAE step), ``scorer`` (score step). ``models`` holds the loaded torch modules."""
+    from .tensorrt_backend import build_steps
+    from .torch_backend import TorchDiTStep, TorchScoreStep, TorchVAEStep, configure
+
+    device = torch.device(device)
+    on_torch = torch_parts(profile)
+    configure(profile, device, {k: models[k] for k in ("drafter", "target") if k in on_torch})
+    steps = build_steps(profile, [p for p in PARTS if p not in on_torch], device, engines_dir=engines_dir)
+    for kind in ("drafter", "target"):
+        if kind in on_torch:
+            steps[kind] = TorchDiTStep(models[kind])
+    if "vae" in on_torch:
+        steps["vae"] = TorchVAEStep(models["vae"])
+    if "scorer" in on_torch:
+        steps["scorer"] = TorchScoreStep(models["scorer"])
+    return steps

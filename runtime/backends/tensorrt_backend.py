@@ -1,4 +1,4 @@
-"""The TensorRT backend: engines from ``make engines``, run with the same component API as the torch backend.
+"""The TensorRT backend: engines from ``make engines`` behind the components' step signatures.
 
 Two layers, as NVIDIA's demoDiffusion (tensorrt.md §1.4):
 
@@ -8,23 +8,17 @@ Two layers, as NVIDIA's demoDiffusion (tensorrt.md §1.4):
   one after another on one stream), ``set_input_shape`` + ``set_tensor_address`` on preallocated torch
   tensors once per key (checked: dtype, shape, contiguity, 256-byte alignment, every return value), and
   ``enqueue`` = ``execute_async_v3`` with its return value checked (a False names the engine file).
-- Components with the torch backend's methods, so the loop does not know which backend runs:
-  ``TrtDenoiser`` (``prepare``, ``set_seed``, ``denoise_block``, ``commit_block``, ``commit_blocks``),
-  ``TrtDecoder`` (``reset``, ``decode_scratch``, ``keep_scratch``, ``decode_commit``) and ``TrtScorer``
-  (``prepare``, ``score``). The per-block maths around the engine (noise, x0, re-noise) is the torch
-  backend's own (``schedule``, ``noise``).
+- Steps (``TrtDiTStep``, ``TrtVAEStep``, ``TrtScoreStep``): ``bind`` the component's buffers to the
+  engines once, then each call enqueues. The recipe around them (noise, x0, re-noise, the committed/
+  scratch pair, CUDA graphs) is the components' own (``sdvg_rt.components``), shared with torch.
 
 Zero copy: a DiT block's past K/V inputs and new K/V outputs are bound to the ``KVCache`` slices
 themselves (io_spec), the VAE's history inputs to the committed state and its outputs to the scratch
 state (accepting a draft swaps the two: one binding set per parity), and the scorer reads the
 decoder's output buffer. Only the latent entering a commit or a decode is copied (600 KB).
 
-CUDA graphs (``backends.graphs.CudaGraphs``): one per (component, block index) for the denoiser (the 4 steps with
-their re-noising, and the commit), one per (kind, parity) for the decoder, one per (N, source) for the
-scorer; the first call of a key runs eagerly (this flushes TensorRT's deferred setup, which must not
-be captured), then the same work is captured; later calls replay it. A capture that fails ends the
-capture before the error propagates. Everything is allocated at construction or on a key's first
-call (the warm-up), never afterwards.
+Under the components' CUDA graphs the first call of a key runs eagerly (this flushes TensorRT's
+deferred setup, which must not be captured), then the same work is captured; later calls replay it.
 
 TensorRT is imported lazily; a missing package, or one without a ``Builder`` (the type stubs or the
 PyPI placeholder), raises ``BackendUnavailableError`` naming what is installed. The manifest is checked
@@ -42,9 +36,7 @@ import torch
 
 from ..errors import BackendUnavailableError, EngineMismatchError, OutOfMemoryError, SdvgError
 from ..kv_cache import KVCache
-from ..noise import NoiseStream
-from ..schedule import Schedule, renoise_, x0_from_flow_
-from .graphs import CudaGraphs
+from ..vae_state import VAEStatePair
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -272,50 +264,34 @@ def current_stream(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Components
+# Steps: the engines behind the components' step signatures (``components.DiTStep`` etc.)
 
-class TrtDenoiser:
-    """One DiT (``kind`` drafter or target) on its ``<kind>.step`` and ``<kind>.context`` engines.
+class TrtDiTStep:
+    """One DiT on its ``<kind>.step`` and ``<kind>.context`` engines. ``bind`` binds the context engine to the
+    denoiser's context/ctx_kv and, per block index, the step engine to the cache slices of that block
+    (``k_head.i``/``k_new.i``/``k_tail.i`` and v), the denoiser's ``x``, this step's ``t`` and ``flow`` and
+    the block's RoPE tables: every block of a video is bound (and validated) at load."""
 
-    Same state and methods as ``TorchDenoiser``; the cache slices of block b are bound to the step
-    engine's ``k_head.i``/``k_new.i``/``k_tail.i`` (and v) in the context for block b.
-    """
+    fused_commits = False  # the engine has no span mask: commits go block by block
 
-    def __init__(self, step: Engine, context: Engine, memory: ActivationMemory, cfg, kind: str, *,
-                 latent_shape: tuple[int, int, int], window_frames: int, sink_frames: int, schedule: Schedule,
-                 device, dtype: torch.dtype, num_blocks: int = 0, use_cuda_graphs: bool = True):
+    def __init__(self, step: Engine, context: Engine, memory: ActivationMemory, cfg, device):
         from ..models.wan_dit import WanRoPE
 
-        frames, h, w = latent_shape
-        self.step, self.context_engine, self.memory = step, context, memory
-        self.cfg, self.kind, self.schedule = cfg, kind, schedule
-        self.device, self.dtype = torch.device(device), dtype
-        self.frames_per_block, self.grid = frames, (frames, h // cfg.patch_size[1], w // cfg.patch_size[2])
-        tpf = self.grid[1] * self.grid[2]
-        self.cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tpf, frames, window_frames, sink_frames,
-                             dtype=dtype, device=self.device)
-        T = cfg.text_len
-        dev = self.device
-        self.context = torch.zeros(1, T, cfg.text_dim, dtype=dtype, device=dev)
-        self.ctx_kv = torch.zeros(cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
-        shape = (1, cfg.in_dim, frames, h, w)
-        self.x = torch.zeros(shape, dtype=dtype, device=dev)        # engine input x_t
-        self.flow = torch.zeros(shape, dtype=dtype, device=dev)     # engine output v
-        self.x0 = torch.zeros(shape, dtype=torch.float32, device=dev)
-        self.work = torch.zeros(shape, dtype=torch.float32, device=dev)
-        self.out = torch.zeros(shape, dtype=dtype, device=dev)
-        self.noise = NoiseStream(shape, schedule.num_steps, dev)
-        self.t = schedule.timestep_table(frames, dev)               # [steps + 1, F]; last row: commit
-        self.t_in = torch.zeros(frames, dtype=torch.float32, device=dev)  # engine input t
-        self.sigmas = schedule.sigmas
-        self._rope_tables = WanRoPE(cfg).to(dev)
+        self.engine, self.context_engine, self.memory, self.cfg = step, context, memory, cfg
+        self.device = torch.device(device)
+        self._rope_tables = WanRoPE(cfg).to(self.device)
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs = CudaGraphs(use_cuda_graphs, self.device)
-        self.context_engine.bind("prompt", {"context": self.context, "ctx_kv": self.ctx_kv}, memory)
-        for b in range(num_blocks):  # bind (and validate) every block of a video at load time
+
+    def bind(self, cache: KVCache, context: torch.Tensor, ctx_kv: torch.Tensor, x: torch.Tensor,
+             num_blocks: int) -> None:
+        self.cache, self.ctx_kv, self.x = cache, ctx_kv, x
+        self.grid = (cache.frames_per_block, x.shape[3] // self.cfg.patch_size[1], x.shape[4] // self.cfg.patch_size[2])
+        self.t_in = torch.zeros(x.shape[2], dtype=torch.float32, device=self.device)  # engine input t
+        self.flow_out = torch.zeros_like(x)  # engine output v
+        self.context_engine.bind("prompt", {"context": context, "ctx_kv": ctx_kv}, self.memory)
+        for b in range(num_blocks):
             self._bind_block(b)
 
-    # ---- bindings --------------------------------------------------------------------------------
     def step_tensors(self, block: int) -> dict[str, torch.Tensor]:
         """The step engine's bindings for ``block``: cache slices for the past and the new K/V."""
         s = self.cache.slots(block)
@@ -326,7 +302,7 @@ class TrtDenoiser:
         cos, sin = self.rope[block]
         kv = self.cache.kv
         t = {"x": self.x, "t": self.t_in, "rope_cos": cos, "rope_sin": sin, "ctx_kv": self.ctx_kv,
-             "flow": self.flow}
+             "flow": self.flow_out}
         for i in range(self.cfg.num_layers):
             for j, a in enumerate("kv"):
                 t[f"{a}_head.{i}"] = kv[i, j, :ws]
@@ -335,183 +311,87 @@ class TrtDenoiser:
         return t
 
     def _bind_block(self, block: int) -> None:
-        if block not in self.step.contexts:  # once per block index (at load for a video's blocks)
-            self.step.bind(block, self.step_tensors(block), self.memory)
+        if block not in self.engine.contexts:  # once per block index (at load for a video's blocks)
+            self.engine.bind(block, self.step_tensors(block), self.memory)
 
-    # ---- per prompt ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prepare(self, context: torch.Tensor) -> None:
-        """context [1, T, text_dim] -> ctx_kv through the context engine, once per prompt."""
-        if tuple(context.shape) != tuple(self.context.shape):
-            raise ValueError(f"{self.kind}: context must be {tuple(self.context.shape)}, found {tuple(context.shape)}")
-        self.context.copy_(context, non_blocking=True)
+    def context(self) -> None:
         self.context_engine.enqueue("prompt", current_stream(self.device))
 
-    def set_seed(self, seed: int) -> None:
-        self.noise.set_seed(seed)
+    def flow(self, block: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self._run(block, x, t)
+        return self.flow_out
 
-    # ---- per block -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def denoise_block(self, block: int) -> torch.Tensor:
-        """4 denoising steps of ``block`` -> clean latent ``self.out`` [1, 16, F, h, w] (valid until the next call)."""
+    def write_kv(self, block: int, x: torch.Tensor, t: torch.Tensor, blocks: int = 1) -> None:
+        assert blocks == 1, "the step engine commits one block at a time"
+        self._run(block, x, t)
+
+    def _run(self, block: int, x: torch.Tensor, t: torch.Tensor) -> None:
         self._bind_block(block)
-        self.graphs.run(("denoise", block), lambda: self._denoise_body(block))
-        return self.out
-
-    def _denoise_body(self, block: int) -> None:
-        eps = self.noise.fill(block)
-        self.x.copy_(eps[0])
-        last = len(self.sigmas) - 1
-        stream = current_stream(self.device)
-        for k, sigma in enumerate(self.sigmas):
-            # 1. flow prediction at t_k, 2. x0 = x_t - sigma_k * v, 3. re-noise to sigma_{k+1}
-            self.t_in.copy_(self.t[k])
-            self.step.enqueue(block, stream)
-            x0_from_flow_(self.x0, self.x, self.flow, sigma)
-            if k < last:
-                renoise_(self.x, self.x0, eps[k + 1], self.sigmas[k + 1], self.work)
-        self.out.copy_(self.x0)
-
-    @torch.no_grad()
-    def commit_block(self, block: int, x: torch.Tensor) -> None:
-        """t = 0 forward on the clean latent x: writes the block's clean K/V into its cache slots."""
-        self._bind_block(block)
-        self.x.copy_(x)  # x comes from either model's buffer: copied in, outside the graph
-        self.graphs.run(("commit", block), lambda: self._commit_body(block))
-
-    def _commit_body(self, block: int) -> None:
-        self.t_in.copy_(self.t[-1])
-        self.step.enqueue(block, current_stream(self.device))
-
-    @torch.no_grad()
-    def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None:
-        """Commit consecutive blocks one by one (the engine has no span mask; per-block commits are what
-        eager commits compute, so ``fused`` is accepted and ignored)."""
-        for i, b in enumerate(blocks):
-            self.commit_block(b, xs[i])
+        if x.data_ptr() != self.x.data_ptr():  # the engine reads the bound input
+            self.x.copy_(x)
+        self.t_in.copy_(t)
+        self.engine.enqueue(block, current_stream(self.device))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"kv": self.cache.kv, "context": self.context, "ctx_kv": self.ctx_kv, "x": self.x, "x0": self.x0,
-                "work": self.work, "out": self.out, "flow": self.flow, "noise": self.noise.out,
-                "noise_key": self.noise.key, "t": self.t, "t_in": self.t_in}
+        return {"flow": self.flow_out, "t_in": self.t_in}
 
 
-class TrtDecoder:
-    """The streaming VAE on ``vae.first`` / ``vae.step`` with a committed and a scratch state.
+class TrtVAEStep:
+    """The streaming VAE on ``vae.first`` / ``vae.step``. ``bind`` makes one binding set per (kind, source
+    parity, destination parity): ``z`` and the frames of its kind, ``state_in.j`` on the source state and
+    ``state_out.j`` on the destination, so accepting a draft (a parity flip) copies nothing."""
 
-    The two states are preallocated; ``parity`` says which one is committed. A draft decodes from the
-    committed state into the scratch one (binding key ``("step", parity, 1 - parity)``), accepting it
-    flips the parity, so no state is ever copied. Frames are the engines' output buffers (valid until
-    the next decode of the same kind).
-    """
+    memory_format = torch.contiguous_format
 
-    def __init__(self, first: Engine, step: Engine, memory: ActivationMemory, io_first: EngineIO,
-                 io_step: EngineIO, device, use_cuda_graphs: bool = True):
+    def __init__(self, first: Engine, step: Engine, memory: ActivationMemory, device):
         self.first, self.step, self.memory = first, step, memory
         self.device = torch.device(device)
-        dev = self.device
-        shapes = io_step.shapes()
-        n_states = sum(1 for t in io_step.inputs if t.name.startswith("state_in."))
-        dt = io_step.inputs[0].torch_dtype
-        self.states = tuple([torch.zeros(shapes[f"state_in.{j}"], dtype=dt, device=dev) for j in range(n_states)]
-                            for _ in range(2))
-        self.z = torch.zeros(shapes["z"], dtype=dt, device=dev)
-        self.frames = {"first": torch.zeros(io_first.shapes()["frames"], dtype=dt, device=dev),
-                       "step": torch.zeros(shapes["frames"], dtype=dt, device=dev)}
-        self.parity = 0
-        self._scratch_ready = False
-        self.graphs = CudaGraphs(use_cuda_graphs, dev)
-        for out in (0, 1):
-            self.first.bind(("first", out), self._tensors("first", None, out), memory)
-            self.step.bind(("step", 1 - out, out), self._tensors("step", 1 - out, out), memory)
 
-    def _tensors(self, kind: str, src: int | None, dst: int) -> dict[str, torch.Tensor]:
-        t = {"z": self.z, "frames": self.frames[kind]}
-        for j, s in enumerate(self.states[dst]):
+    def bind(self, states: VAEStatePair, z: torch.Tensor, frames: dict[bool, torch.Tensor]) -> None:
+        self.states, self.z, self.frames = states.states, z, frames
+        for out in (0, 1):
+            self.first.bind(("first", out), self._tensors(True, None, out), self.memory)
+            self.step.bind(("step", 1 - out, out), self._tensors(False, 1 - out, out), self.memory)
+
+    def _tensors(self, first: bool, src: int | None, dst: int) -> dict[str, torch.Tensor]:
+        t = {"z": self.z, "frames": self.frames[first]}
+        for j, s in enumerate(self.states[dst].slots):
             t[f"state_out.{j}"] = s
         if src is not None:
-            for j, s in enumerate(self.states[src]):
+            for j, s in enumerate(self.states[src].slots):
                 t[f"state_in.{j}"] = s
         return t
 
-    @property
-    def committed(self) -> list[torch.Tensor]:
-        return self.states[self.parity]
-
-    @property
-    def scratch(self) -> list[torch.Tensor]:
-        return self.states[1 - self.parity]
-
-    def reset(self) -> None:
-        for st in self.states:
-            for s in st:
-                s.zero_()
-        self.parity = 0
-        self._scratch_ready = False
-
-    @torch.no_grad()
-    def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        """Decode a block from the committed state into the scratch state (the committed one is only read)."""
-        self.z.copy_(z)
-        out = 1 - self.parity
-        if block == 0:
-            key: tuple = ("first", out)
-            self.graphs.run(key, lambda: self.first.enqueue(key, current_stream(self.device)))
-            frames = self.frames["first"]
+    def decode(self, z: torch.Tensor, first: bool, src: int, dst: int) -> torch.Tensor:
+        if z.data_ptr() != self.z.data_ptr():
+            self.z.copy_(z)
+        if first:
+            self.first.enqueue(("first", dst), current_stream(self.device))
         else:
-            key = ("step", self.parity, out)
-            self.graphs.run(key, lambda: self.step.enqueue(key, current_stream(self.device)))
-            frames = self.frames["step"]
-        self._scratch_ready = True
-        return frames
-
-    def keep_scratch(self) -> None:
-        """Accept: the scratch state becomes the committed one (the parity flips; nothing is copied)."""
-        assert self._scratch_ready, "keep_scratch() needs a decode_scratch() since the last keep/reset"
-        self.parity = 1 - self.parity
-        self._scratch_ready = False
-
-    @torch.no_grad()
-    def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        frames = self.decode_scratch(z, block)
-        self.keep_scratch()
-        return frames
+            self.step.enqueue(("step", src, dst), current_stream(self.device))
+        return self.frames[first]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"state{p}.{j}": s for p, st in enumerate(self.states) for j, s in enumerate(st)}
-        return {**out, "z": self.z, **{f"frames_{k}": v for k, v in self.frames.items()}}
+        return {}
 
 
-class TrtScorer:
-    """ImageReward on ``scorer`` (preprocessing in the engine): ``score(frames [1, 3, N, H, W]) -> [N]``.
+class TrtScoreStep:
+    """ImageReward on ``scorer`` (preprocessing in the engine). A contiguous frames tensor of the engine's
+    dtype (the decoder's output buffer) is bound where it is (one binding per (N, address)); anything
+    else is first copied into this step's own buffer."""
 
-    A contiguous frames tensor of the engine's dtype (the decoder's output buffer) is bound where it is
-    (one binding per (N, address)); anything else is first copied into the scorer's own buffer.
-    """
-
-    def __init__(self, engine: Engine, memory: ActivationMemory, io: EngineIO, tokenizer, device,
-                 use_cuda_graphs: bool = True):
-        self.engine, self.memory, self.io, self.tokenizer = engine, memory, io, tokenizer
+    def __init__(self, engine: Engine, memory: ActivationMemory, io: EngineIO, device):
+        self.engine, self.memory, self.io = engine, memory, io
         self.device = torch.device(device)
         spec = {t.name: t for t in io.tensors}
         shapes = io.shapes()  # N at its max
         self.frames_dtype = spec["frames"].torch_dtype
-        self.n_max = shapes["frames"][2]
-        self.frame_shape = shapes["frames"][3:]
-        self.ids = torch.zeros(shapes["ids"], dtype=torch.int64, device=self.device)
-        self.mask = torch.zeros(shapes["mask"], dtype=torch.int64, device=self.device)
         self._frames = torch.zeros(math.prod(shapes["frames"]), dtype=self.frames_dtype, device=self.device)
-        self._rewards = torch.zeros(self.n_max, dtype=torch.float32, device=self.device)
-        self.graphs = CudaGraphs(use_cuda_graphs, self.device)
 
-    def prepare(self, prompt: str) -> None:
-        ids, mask = self.tokenizer(prompt)
-        self.ids.copy_(ids, non_blocking=True)
-        self.mask.copy_(mask, non_blocking=True)
+    def bind(self, ids: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor) -> None:
+        self.ids, self.mask, self.rewards = ids, mask, rewards
 
-    @torch.no_grad()
     def score(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [1, 3, N, H, W] in [-1, 1] -> per-frame rewards [N] float32 (a view of the scorer's buffer)."""
         n = frames.shape[2]
         aligned = frames.device.type != "cuda" or frames.data_ptr() % ALIGNMENT == 0
         if frames.dtype == self.frames_dtype and frames.is_contiguous() and aligned:
@@ -520,18 +400,19 @@ class TrtScorer:
             src = self._frames[: math.prod(frames.shape)].view(frames.shape)
             src.copy_(frames)
         key = (n, src.data_ptr())
-        rewards = self._rewards[:n]
+        rewards = self.rewards[:n]
         self.engine.bind(key, {"frames": src, "ids": self.ids, "mask": self.mask, "rewards": rewards}, self.memory)
-        self.graphs.run(key, lambda: self.engine.enqueue(key, current_stream(self.device)))
+        self.engine.enqueue(key, current_stream(self.device))
         return rewards
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"ids": self.ids, "mask": self.mask, "frames": self._frames, "rewards": self._rewards}
+        return {"frames": self._frames}
+
 
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading: manifest check, engines, components
+# Loading: manifest check, engines, steps
 
 def engines_folder(profile, engines_dir: str | os.PathLike | None = None) -> Path:
     from ..profiles import REPO_ROOT
@@ -575,37 +456,23 @@ def open_engines(profile, names: Sequence[str], device, *, engines_dir: str | os
     return engines, ActivationMemory(engines.values(), device)
 
 
-def build_components(profile, device, *, engines_dir: str | os.PathLike | None = None,
-                     use_cuda_graphs: bool = True) -> dict[str, Any]:
-    """The TensorRT components of every part whose backend is ``tensorrt`` in the profile, keyed like the
-    loop's components: ``drafter``, ``target`` (``TrtDenoiser``), ``vae`` (``TrtDecoder``), ``scorer``
-    (``TrtScorer``). One activation allocation serves all of them."""
+def build_steps(profile, parts: Sequence[str], device, *,
+                engines_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The TensorRT steps of ``parts`` (``drafter``/``target``: ``TrtDiTStep``, ``vae``: ``TrtVAEStep``,
+    ``scorer``: ``TrtScoreStep``) on the profile's engines; one activation allocation serves all of them."""
     from .. import io_spec
-    from ..checkpoints.imagereward import resolve_paths
-    from ..models.imagereward import ImageRewardTokenizer
 
-    parts = [p for p in io_spec.PARTS if getattr(profile.backends, p) == "tensorrt"]
     if not parts:
         return {}
     ios = io_spec.engine_ios(profile, parts)
     engines, memory = open_engines(profile, list(ios), device, engines_dir=engines_dir)
-    cfgs, v = io_spec.model_configs(profile), profile.video
-    window, sink = profile.cache_geometry()
-    sched = Schedule.from_steps(profile.schedule.steps, profile.schedule.shift)
-    dtype = io_spec.DTYPES[profile.precision]
+    cfgs = io_spec.model_configs(profile)
     out: dict[str, Any] = {}
     for kind in ("drafter", "target"):
         if kind in parts:
-            out[kind] = TrtDenoiser(
-                engines[f"{kind}.step"], engines[f"{kind}.context"], memory, cfgs[kind], kind,
-                latent_shape=(v.frames_per_block, v.latent_height, v.latent_width), window_frames=window,
-                sink_frames=sink, schedule=sched, device=device, dtype=dtype, num_blocks=v.num_blocks,
-                use_cuda_graphs=use_cuda_graphs)
+            out[kind] = TrtDiTStep(engines[f"{kind}.step"], engines[f"{kind}.context"], memory, cfgs[kind], device)
     if "vae" in parts:
-        out["vae"] = TrtDecoder(engines["vae.first"], engines["vae.step"], memory, ios["vae.first"],
-                                ios["vae.step"], device, use_cuda_graphs)
+        out["vae"] = TrtVAEStep(engines["vae.first"], engines["vae.step"], memory, device)
     if "scorer" in parts:
-        _, _, vocab = resolve_paths(profile.checkpoints.scorer)
-        out["scorer"] = TrtScorer(engines["scorer"], memory, ios["scorer"], ImageRewardTokenizer(vocab), device,
-                                  use_cuda_graphs)
+        out["scorer"] = TrtScoreStep(engines["scorer"], memory, ios["scorer"], device)
     return out

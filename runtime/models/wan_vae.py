@@ -11,7 +11,7 @@ Streaming. Every causal conv with a temporal kernel of 3 (32 of them at the Wan2
 history from ``state_in``, convolves over ``[history | block]`` along time (a whole block per call, no
 per-frame loop) and writes the last 2 input frames into ``state_out`` in place (``copy_``). Because
 ``state_in`` is only read, a draft can be decoded into a scratch state without touching the committed
-one (``VAEStream``), and accepting it is a swap of references.
+one (the committed/scratch pair of ``sdvg_rt.vae_state``), and accepting it is a swap of references.
 
 Why this equals the reference (diffusers ``AutoencoderKLWan._decode``, one latent per call):
 - a cached causal conv fed frame by frame, starting from "no cache" (zero padding), computes exactly
@@ -48,12 +48,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..vae_state import VAEState
 
 CACHE_T = 2  # history frames kept per causal conv (temporal kernel 3, causal padding 2)
 CONVENTIONS = ("reference", "self_forcing")
@@ -159,30 +161,7 @@ VAE_PRESETS: dict[str, WanVAEConfig] = {
 
 
 # --------------------------------------------------------------------------------------------------
-# state
-
-
-@dataclass(eq=False)
-class VAEState:
-    """The preallocated temporal history of every causal conv: ``slots[i]`` is ``[1, C_i, 2, h_i, w_i]``."""
-
-    slots: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slots)
-
-    def zero_(self) -> VAEState:
-        for t in self.slots:
-            t.zero_()
-        return self
-
-    def clone(self) -> VAEState:
-        """A copy (tests and debugging only; the runtime never copies a state)."""
-        return VAEState([t.clone() for t in self.slots])
-
-    def data_ptrs(self) -> list[int]:
-        return [t.data_ptr() for t in self.slots]
+# state (sdvg_rt.vae_state.VAEState)
 
 
 class _Ctx(NamedTuple):
@@ -670,12 +649,8 @@ class WanVAEDecoder(nn.Module):
 
     def new_state(self, h: int, w: int, dtype: torch.dtype | None = None, device=None) -> VAEState:
         """Preallocate (zeros) the history of every causal conv for an ``h x w`` latent."""
-        dtype = dtype or self.conv2.weight.dtype
-        device = device or self.conv2.weight.device
-        return VAEState([
-            torch.zeros(s, dtype=dtype, device=device).contiguous(memory_format=self.memory_format)
-            for s in self.config.state_shapes(h, w)
-        ])
+        return VAEState.zeros(self.config.state_shapes(h, w), dtype or self.conv2.weight.dtype,
+                              device or self.conv2.weight.device, self.memory_format)
 
     # ---- decode
 
@@ -728,72 +703,3 @@ class WanVAEDecoder(nn.Module):
         new = VAEState([torch.empty_like(t) for t in history])
         frames = self.decode(z, None if first else VAEState(list(history)), new, first)
         return (frames, *new.slots)
-
-
-# --------------------------------------------------------------------------------------------------
-# committed + scratch
-
-
-class VAEStream:
-    """Double-buffered streaming decode (sdvg-runtime.md §3).
-
-    ``decode_scratch`` reads the committed state and writes the scratch state, so a draft decode never
-    disturbs the committed history; ``keep_scratch`` accepts it by swapping the two references (no
-    copy); a rejected draft is simply never kept. ``parity`` says which of the two preallocated states is
-    committed, so a CUDA-graph backend can keep one graph per (block index, parity).
-    """
-
-    def __init__(self, decoder: WanVAEDecoder, h: int, w: int, dtype: torch.dtype | None = None,
-                 device=None, convention: str = "reference"):
-        if convention not in CONVENTIONS:
-            raise ValueError(f"unknown VAE convention {convention!r}; choose one of {CONVENTIONS}")
-        self.decoder, self.h, self.w, self.convention = decoder, h, w, convention
-        self._states = (decoder.new_state(h, w, dtype, device), decoder.new_state(h, w, dtype, device))
-        self.parity = 0  # index of the committed state in _states
-        self.scratch_ready = False
-
-    @staticmethod
-    def nbytes_for(config: WanVAEConfig, h: int, w: int, dtype: torch.dtype) -> int:
-        """Bytes of both states (committed + scratch), before allocating."""
-        return 2 * config.state_nbytes(h, w, dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self._states)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Both preallocated states' slots by (state index, slot) (memory accounting and tests)."""
-        return {f"state{p}.{j}": t for p, st in enumerate(self._states) for j, t in enumerate(st.slots)}
-
-    @property
-    def committed(self) -> VAEState:
-        return self._states[self.parity]
-
-    @property
-    def scratch(self) -> VAEState:
-        return self._states[1 - self.parity]
-
-    def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        """Decode block ``block`` from the committed history into the scratch state."""
-        first = block == 0
-        frames = self.decoder.decode(z, None if first else self.committed, self.scratch, first, self.convention)
-        self.scratch_ready = True  # host-side bookkeeping: a CUDA-graph replay of this call must set it too
-        return frames
-
-    def keep_scratch(self) -> None:
-        """Accept the last scratch decode: swap committed and scratch (references only)."""
-        assert self.scratch_ready, "keep_scratch() needs a decode_scratch() since the last keep/reset"
-        self.parity = 1 - self.parity
-        self.scratch_ready = False
-
-    def decode_commit(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        frames = self.decode_scratch(z, block)
-        self.keep_scratch()
-        return frames
-
-    def reset(self) -> None:
-        """New video: zero both states (block 0 does not read them; this keeps them deterministic)."""
-        for s in self._states:
-            s.zero_()
-        self.parity = 0
-        self.scratch_ready = False
