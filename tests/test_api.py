@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sdvg_rt
-from sdvg_rt.api import memory_plan
+from sdvg_rt.memory import memory_plan
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
 from sdvg_rt.errors import BackendUnavailableError, BusyError, CheckpointError, SdvgError
 from sdvg_rt.profiles import PROFILES_DIR, demo_profile, load_profile

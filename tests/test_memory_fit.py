@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sdvg_rt.api import check_fits
+from sdvg_rt.memory import check_fits
 from sdvg_rt.errors import OutOfMemoryError
 from sdvg_rt.profiles import load_profile
 
