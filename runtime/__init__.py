@@ -9,13 +9,6 @@ Public surface::
 ``Runtime``, ``Result``, ``PreparedPrompt``, ``BlockOutput``, ``load_profile`` and ``demo_profile`` are
 imported on first use (``import sdvg_rt`` alone stays light); the error types are always here.
 """
-import os as _os
-
-# The paper profile fills an 80 GB GPU to within a few GiB; without expandable segments the caching
-# allocator fragments (measured on the H100: 6.4 GiB reserved but unusable -> OOM in the VAE decode).
-# Takes effect only if set before CUDA is initialised; a user's own setting wins.
-_os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
 from .errors import (  # noqa: F401
     BackendUnavailableError,
     BusyError,

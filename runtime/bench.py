@@ -420,6 +420,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    from .cli import ALLOC_CONF
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # as ``sdvg-rt``: before CUDA starts
     p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__.splitlines()[0])
     _args(p)
     return run(p.parse_args(argv))

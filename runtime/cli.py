@@ -339,7 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The paper profile fills an 80 GB GPU to within a few GiB; without expandable segments the caching
+# allocator fragments (6.4 GiB reserved but unusable -> OOM in the VAE decode). Set by the command-line
+# entry points only (a library import changes nothing process-wide), before CUDA is initialised; a
+# user's own setting wins.
+ALLOC_CONF = "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
