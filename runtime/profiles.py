@@ -108,7 +108,7 @@ class Sampling:
     tau: float = -0.7
     seed: int = 0
     lazy_commit: bool = True  # accepted drafts reach the target's cache only when the target is next needed
-    fused_commits: bool = False  # commit several pending blocks in one masked forward (see TorchDenoiser)
+    fused_commits: bool = False  # commit several pending blocks in one masked forward (components.Denoiser)
 
 
 @dataclass(frozen=True)
