@@ -368,21 +368,25 @@ def load_dit(path, device: torch.device | str = "cpu", dtype: torch.dtype = torc
 # --------------------------------------------------------------------------------------------------
 # Synthetic checkpoints in the official formats
 
-def _synthetic_tensor(key: str, shape: tuple, cfg: WanDiTConfig, seed: int) -> torch.Tensor:
-    """Seeded fp32 tensor for ``key``, independent of every other key (so writing can stream).
-
-    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm weights ~ 1 + N(0, 0.1^2), modulation
-    ~ N(0, 1/dim) (the official init): full-size random models keep O(1), finite bf16 activations.
-    """
-    g = key_generator(seed, key)
-    x = torch.randn(shape, generator=g, dtype=torch.float32)
+def synthetic_init(key: str, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The synthetic init of a DiT parameter from a standard-normal draw ``x`` of its shape (the official
+    init): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm weights ~ 1 + N(0, 0.1^2), modulation
+    ~ N(0, 1/dim), so full-size random models keep O(1), finite bf16 activations. Shared by the
+    checkpoint writer (``_synthetic_tensor``) and the benchmark's on-device init (``bench.random_init_``)."""
     if key.endswith("modulation"):
-        return x / math.sqrt(cfg.dim)
+        return x / math.sqrt(dim)
     if key.endswith(".bias"):
         return x * 0.02
-    if len(shape) == 1:  # norm_q / norm_k / norm3 weights
+    if x.dim() == 1:  # norm_q / norm_k / norm3 weights
         return 1.0 + 0.1 * x
-    return x / math.sqrt(math.prod(shape[1:]))
+    return x / math.sqrt(math.prod(x.shape[1:]))
+
+
+def _synthetic_tensor(key: str, shape: tuple, cfg: WanDiTConfig, seed: int) -> torch.Tensor:
+    """Seeded fp32 tensor for ``key`` (``synthetic_init``), independent of every other key (so writing
+    can stream)."""
+    g = key_generator(seed, key)
+    return synthetic_init(key, torch.randn(shape, generator=g, dtype=torch.float32), cfg.dim)
 
 
 def synthetic_dit_state_dict(preset: str | WanDiTConfig, seed: int = 0,

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# SDPA priority order per name. "auto" puts cuDNN first: on the H100 it is 1.6-1.7x faster than flash at
-# our shapes (specs README); SDPA skips any backend that cannot run the inputs (e.g. on CPU). "fa4" runs
+# SDPA priority order per name. "auto" puts cuDNN first (faster than flash at our shapes,
+# docs/PERFORMANCE.md); SDPA skips any backend that cannot run the inputs (e.g. on CPU). "fa4" runs
 # FlashAttention-4 and takes "auto"'s order where it does not apply.
 _BACKENDS = {
     "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -55,8 +55,8 @@ def load_fa4():
 def set_attention_backend(name: str, device: torch.device | str | None = None) -> None:
     """Choose the attention implementation once, at load.
 
-    "auto": FlashAttention-4 on a Hopper GPU ``device`` where ``flash-attn-4`` is installed (14-18% faster
-    than cuDNN at the DiT's shapes on the H100, ``tools/gpu_probe_fa4.py``), else SDPA with cuDNN first.
+    "auto": FlashAttention-4 on a Hopper GPU ``device`` where ``flash-attn-4`` is installed (faster than
+    cuDNN at the DiT's shapes, docs/PERFORMANCE.md), else SDPA with cuDNN first.
     "fa4": FlashAttention-4, an error if it is not installed. "cudnn" | "flash" | "efficient" | "math": that
     SDPA backend."""
     global _name, _backends, _backends_masked, _fa4

@@ -8,9 +8,8 @@ rounding to the model dtype where the eager code rounds the residual stream or a
   norm+RoPE reached about 1.1 TB/s because of the pair shuffle). Each 32-bit word of a 16-bit row holds
   one rotated pair, so a row is a ``[heads, pairs]`` tile of words unpacked with bit operations (no
   shuffles), and one ``head_dim/2`` row of the cos/sin tables serves every head. (V needs no kernel: its
-  GEMM writes the value slots, ``WanSelfAttention.write_kv``.) Kernel variants at 14B shapes, with V
-  copied by the same kernel (``tools/gpu_probe_micro.py``): 148 us for this layout vs 182 us for a
-  ``[pairs, 2]`` split/join kernel and 630 us for a partner-gather kernel.
+  GEMM writes the value slots, ``WanSelfAttention.write_kv``.) This layout was the fastest of the
+  kernel variants measured at 14B shapes (``tools/probes/gpu_probe_micro.py``, docs/PERFORMANCE.md).
 - ``residual_ln``: ``x + y * gate`` (each part optional), then a LayerNorm (affine or modulated by
   ``* (1 + scale) + shift``, per frame), returning the new residual and the normalised input of the next
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
@@ -38,7 +37,7 @@ AVAILABLE = triton is not None
 
 def _num_warps(block: int) -> int:
     """Warps for a one-row program of ``block`` elements: 8 for the 1.3B's rows (2048), 16 for the 14B's
-    (8192), the fastest in ``tools/gpu_probe_micro2.py`` on the H100."""
+    (8192), the fastest in ``tools/probes/gpu_probe_micro2.py``."""
     return max(4, min(16, block // 256))
 
 

@@ -354,8 +354,8 @@ def set_subpixel_upsample(mode: str = "auto") -> None:
       outputs (the folded taps of the 4 output phases), then one pixel-shuffle + bias kernel;
     - ``"2x2"``: the same with each phase's 2x2 non-zero taps only: a 2x2 conv (padding 1, output
       ``(h+1) x (w+1)``) whose phase (a, b) is read at offset (a, b) -- 4/9 of the 3x3 form's FLOPs;
-    - ``"auto"`` (default): ``"2x2"`` for CUDA tensors (the GPU fast path: 103.7 ms per block decode vs
-      105.0 for ``"3x3"`` and 116.8 without, H100, ``tools/gpu_probe_vae_ab.py``), ``"off"`` elsewhere.
+    - ``"auto"`` (default): ``"2x2"`` for CUDA tensors (the fastest on the GPU, docs/PERFORMANCE.md),
+      ``"off"`` elsewhere.
     """
     if mode not in SUBPIXEL_MODES:
         raise ValueError(f"unknown sub-pixel upsample mode {mode!r}; choose one of {SUBPIXEL_MODES}")

@@ -1,4 +1,4 @@
-"""GPU probe (development): why cuDNN SDPA takes longer inside the 14B forward than alone.
+"""GPU probe: why cuDNN SDPA takes longer inside the 14B forward than alone.
 
 1. per-call kernel durations of self- and cross-attention in a profiled CUDA-graph replay of the 14B
    forward (block 3), against the same SDPA alone (same shapes and views);

@@ -1,4 +1,4 @@
-"""GPU probe (development): cuBLASLt called directly (ctypes) at the 14B layer GEMM shapes, against torch.
+"""GPU probe: cuBLASLt called directly (ctypes) at the 14B layer GEMM shapes, against torch.
 
 For each shape (M = 4680 tokens of one block, and M = 9360 for reference):
 - torch's call (``F.linear`` / ``_addmm_activation``) as the runtime makes it;
@@ -8,7 +8,7 @@ For each shape (M = 4680 tokens of one block, and M = 9360 for reference):
   stream (per-row alpha vector, ``CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST``): whether any
   algorithm supports it, its time, and its error against fp32.
 
-Prints one table; run from tools/ after ``source tools/device_env.sh``.
+Prints one table; run from tools/probes/ after ``source tools/device_env.sh``.
 """
 import ctypes
 

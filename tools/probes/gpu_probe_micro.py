@@ -1,4 +1,4 @@
-"""GPU probe (development), micro-benchmarks at the 14B / 1.3B block shapes (4680 tokens):
+"""GPU probe, micro-benchmarks at the 14B / 1.3B block shapes (4680 tokens):
 1. variants of the q/k/v epilogue kernel (RMSNorm + RoPE + cache writes) against a plain copy of the same
    bytes, and their agreement with the eager composition ("e" is the first landed kernel, which also
    copied V; the others are the measured alternatives of docs/PERFORMANCE.md, kept so the numbers can be

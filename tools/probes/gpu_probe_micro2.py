@@ -1,4 +1,4 @@
-"""GPU probe (development): residual_ln launch configurations at the 14B / 1.3B block shapes, and the
+"""GPU probe: residual_ln launch configurations at the 14B / 1.3B block shapes, and the
 QKV GEMM split as QK + V (V straight into a cache slot) vs one fused QKV GEMM."""
 import torch
 import triton

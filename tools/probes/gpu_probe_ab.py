@@ -1,4 +1,4 @@
-"""GPU probe (development): A/B of the DiT's elementwise paths on one machine, interleaved repeats of CUDA
+"""GPU probe: A/B of the DiT's elementwise paths on one machine, interleaved repeats of CUDA
 graph replays (block 3, mean context): the Triton kernels of ``dit_kernels`` vs the torch.compile groups,
 for the 14B and the 1.3B; output differences between the two and against an fp32 eager reference of the
 same block; a kernel table of the Triton variant (14B)."""

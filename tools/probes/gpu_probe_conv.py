@@ -1,9 +1,9 @@
-"""GPU probe (development): cuDNN's channels-last 3D convolutions at the VAE's widths, and the VAE block
+"""GPU probe: cuDNN's channels-last 3D convolutions at the VAE's widths, and the VAE block
 decode with the 96-wide convolutions computed with 128 outputs (``wan_vae.set_output_padding``) or not.
 
 Prints (1) ms and TFLOP/s of a 3x3x3 causal conv at the last stage's 12 x 480 x 832 for output widths
 3..128 (and the 192/384 stages), (2) the block decode's CUDA-graph replay with padding off / on, three
-interleaved rounds, the frames' max difference, and the graph-vs-eager check. Run from tools/ after
+interleaved rounds, the frames' max difference, and the graph-vs-eager check. Run from tools/probes/ after
 ``source tools/device_env.sh`` (about a minute)::
 
     cd tools && python gpu_probe_conv.py

@@ -1,4 +1,4 @@
-"""GPU probe (development): the cost of kernel boundaries inside a CUDA graph, and where the memset
+"""GPU probe: the cost of kernel boundaries inside a CUDA graph, and where the memset
 before every GEMM and SDPA call comes from. For each op (14B-shaped QKV and O GEMMs, self-attention),
 a graph of 20 back-to-back calls: replay time per call vs the mean kernel time, and the memsets per call.
 Then the 14B forward (block 3) replay. Run once per environment: without arguments the script re-executes

@@ -1,8 +1,8 @@
-"""GPU probe (development): FlashAttention-4's Hopper forward (``flash_attn.cute``, CuTe DSL) against the
+"""GPU probe: FlashAttention-4's Hopper forward (``flash_attn.cute``, CuTe DSL) against the
 runtime's cuDNN SDPA at the DiT's self-attention shapes (token-major q ``[Lq, H, D]``, cache slices
 ``[Lk, H, D]``), alone and captured in a CUDA graph.
 
-Needs the flash-attn-4 wheel and its dependencies on PYTHONPATH (carried as wheels: the device has no
+Needs the flash-attn-4 wheel and its dependencies on PYTHONPATH (carried as wheels to a GPU machine without
 network). Prints one table: ms per call for cuDNN and FA4, TFLOP/s, relative difference of the outputs
 (both bf16) to an fp32 reference, and whether a graph replay of the FA4 call equals its eager result.
 """

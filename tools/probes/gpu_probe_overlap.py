@@ -1,4 +1,4 @@
-"""GPU probe (development): does a VAE block decode on a second stream overlap with a 14B forward?
+"""GPU probe: does a VAE block decode on a second stream overlap with a 14B forward?
 Both as CUDA graphs (separate pools); sequential (forward, then decode) vs concurrent (forward on one
 stream, decode on another), interleaved repeats."""
 import statistics

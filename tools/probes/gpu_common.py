@@ -44,12 +44,12 @@ def fast_dit_step(preset: str, block: int = 3):
 def vae_block_decode():
     """``decode()``: the full-size VAE (channels-last, compiled norms, cuDNN autotuning) decoding a random
     3-latent block from a committed state, into the scratch state (what every draft costs)."""
+    from sdvg_rt.backends.torch_backend import vae_decoder
     from sdvg_rt.models import wan_vae
-    from sdvg_rt.models.wan_vae import VAEStream
 
     torch.backends.cudnn.benchmark = True
     wan_vae.compile_elementwise(True)
-    stream = VAEStream(random_vae("wan2.1", "cuda", torch.bfloat16), 60, 104, torch.bfloat16, "cuda")
+    stream = vae_decoder(random_vae("wan2.1", "cuda", torch.bfloat16), 60, 104, torch.bfloat16, "cuda")
     z = torch.randn(1, 16, FPB, 60, 104, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stream.decode_commit(z, 0)

@@ -1,4 +1,4 @@
-"""GPU probe (development): where a 14B forward (block 3, CUDA graph, Triton groups) spends the time
+"""GPU probe: where a 14B forward (block 3, CUDA graph, Triton groups) spends the time
 beyond its kernels, and what the floor is made of.
 
 1. graph replay time vs the sum of the kernel times of a profiled replay, by kind;

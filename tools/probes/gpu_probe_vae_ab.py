@@ -1,4 +1,4 @@
-"""GPU probe (development): A/B of the VAE block decode's pass removals on one machine, interleaved.
+"""GPU probe: A/B of the VAE block decode's pass removals on one machine, interleaved.
 
 The decode of ``gpu_common.vae_block_decode`` (full-size Wan2.1 VAE, bf16, channels-last, compiled norms,
 cuDNN autotuning; a 3-latent block 1 from a committed state into the scratch state), in these variants
@@ -15,7 +15,7 @@ cuDNN autotuning; a 3-latent block 1 from a committed state into the scratch sta
 
 Prints ms per decode (median of each round, rounds interleaved), the peak memory of one decode, the max
 abs difference of the frames from ``before``, and a torch.profiler kernel table of the fastest variant.
-Run from tools/ after ``source tools/device_env.sh`` (about 1-2 minutes, compilation included)::
+Run from tools/probes/ after ``source tools/device_env.sh`` (about 1-2 minutes, compilation included)::
 
     cd tools && python gpu_probe_vae_ab.py
 """

@@ -1,4 +1,4 @@
-"""GPU probe (development): the 14B layer GEMMs at M = 4680 (one block) twice vs M = 9360 (two blocks in
+"""GPU probe: the 14B layer GEMMs at M = 4680 (one block) twice vs M = 9360 (two blocks in
 one call): what one forward over two blocks (a commit fused with the next block's first step) would save
 in GEMM time per layer."""
 import torch
