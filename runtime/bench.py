@@ -382,7 +382,7 @@ def run(a: argparse.Namespace) -> int:
     rt = build_runtime(a.size, dev, attention=a.attention)
     if dev.type == "cuda" and attention_implementation() != "fa4":
         print("  note: attention runs on torch SDPA; on Hopper, FlashAttention-4 (pip install 'sdvg-rt[fa4]', or "
-              "tools/fa4_ferry.sh on a machine without network) makes the DiTs about 6-10% faster (docs/PERFORMANCE.md)",
+              "tools/fa4_ferry.sh on a machine without network) makes the DiTs faster (docs/PERFORMANCE.md)",
               flush=True)
     rt.allocate()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,

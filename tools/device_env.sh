@@ -1,5 +1,5 @@
-# Source on the device machine: makes `import sdvg_rt` / `sdvg_export` work from the working tree
-# without installing (the device has no network; its torch is the image's).
+# Source in the repository root of a GPU machine where the package is not installed (for example one
+# without network, using the image's torch): makes `import sdvg_rt` / `sdvg_export` work from the tree.
 mkdir -p /tmp/sdvg_pp
 ln -sfn "$PWD/runtime" /tmp/sdvg_pp/sdvg_rt
 ln -sfn "$PWD/export" /tmp/sdvg_pp/sdvg_export

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# FlashAttention-4 (the optional `fa4` extra) for a GPU machine without network, such as this workplace's
-# device machine, whose calls carry at most 64 MiB. With network, `pip install -e '.[fa4]'` is all it takes.
+# FlashAttention-4 (the optional `fa4` extra) for a GPU machine without network access. With network,
+# `pip install -e '.[fa4]'` is all it takes. Otherwise, on any machine with pip's network and a copy of
+# this repository, then on the GPU machine (in its copy of the repository):
 #
-#   bash tools/fa4_ferry.sh pack      # here (needs pip's network): .ferry/ (CUTLASS DSL cu13 libraries,
-#                                     # xz, about 61 MiB) and .whl/ (the other wheels, about 10 MiB)
-#   bash tools/fa4_ferry.sh unpack    # device call 1, carrying .ferry: unpacks into /tmp/fa4site
-#   bash tools/fa4_ferry.sh install   # device call 2 (within the machine's 30 s warm window), carrying
-#                                     # .whl: unzips the wheels into /tmp/fa4site
+#   bash tools/fa4_ferry.sh pack      # with network: .ferry/ (CUTLASS DSL cu13 libraries, xz, about
+#                                     # 61 MiB) and .whl/ (the other wheels, about 10 MiB)
+#   (copy .ferry/ and .whl/ into the GPU machine's repository; each stays under 64 MiB, for transfers
+#   with a size limit)
+#   bash tools/fa4_ferry.sh unpack    # GPU machine: unpacks .ferry into /tmp/fa4site
+#   bash tools/fa4_ferry.sh install   # GPU machine: unzips .whl's wheels into /tmp/fa4site (the same
+#                                     # machine as unpack: /tmp must still hold the libraries)
 # then `source tools/device_env.sh` puts /tmp/fa4site on PYTHONPATH and `performance.attention: auto`
-# picks FlashAttention-4 on Hopper. The device image already has cuda-bindings, protobuf, einops and
-# typing-extensions. Versions are those of the `fa4` extra in pyproject.toml.
+# picks FlashAttention-4 on Hopper. The GPU machine needs cuda-bindings, protobuf, einops and
+# typing-extensions already installed (CUDA images usually have them). Versions are those of the `fa4`
+# extra in pyproject.toml; the wheels are for CPython 3.12 on x86-64 Linux (PLAT below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=/tmp/fa4site
@@ -33,13 +37,13 @@ pack)
     du -sh .ferry .whl
     ;;
 unpack)
-    test -f .ferry/cutlass-dsl-cu13.tar.xz || { echo "no .ferry/cutlass-dsl-cu13.tar.xz: run 'pack' here and carry .ferry" >&2; exit 2; }
+    test -f .ferry/cutlass-dsl-cu13.tar.xz || { echo "no .ferry/cutlass-dsl-cu13.tar.xz: run 'pack' on a machine with network and copy .ferry here" >&2; exit 2; }
     mkdir -p "$SITE" && tar -xJf .ferry/cutlass-dsl-cu13.tar.xz -C "$SITE"
     du -sh "$SITE"
     ;;
 install)
-    test -d "$SITE/nvidia_cutlass_dsl/cu13" || { echo "$SITE lacks the cu13 libraries: run 'unpack' first (the machine must still be warm)" >&2; exit 2; }
-    ls .whl/*.whl >/dev/null || { echo "no .whl/*.whl: run 'pack' here and carry .whl" >&2; exit 2; }
+    test -d "$SITE/nvidia_cutlass_dsl/cu13" || { echo "$SITE lacks the cu13 libraries: run 'unpack' first, on this machine" >&2; exit 2; }
+    ls .whl/*.whl >/dev/null || { echo "no .whl/*.whl: run 'pack' on a machine with network and copy .whl here" >&2; exit 2; }
     for w in .whl/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
     PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}" \
         python3 -c "import flash_attn.cute.interface; print('flash-attn-4 importable')"
