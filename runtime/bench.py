@@ -380,11 +380,11 @@ def run(a: argparse.Namespace) -> int:
     dev = resolve_device(a.device)
     print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
     rt = build_runtime(a.size, dev, attention=a.attention)
+    rt.allocate()  # builds the steps: the attention kernel is chosen here
     if dev.type == "cuda" and attention_implementation() != "fa4":
         print("  note: attention runs on torch SDPA; on Hopper, FlashAttention-4 (pip install 'sdvg-rt[fa4]', or "
               "tools/fa4_ferry.sh on a machine without network) makes the DiTs faster (docs/PERFORMANCE.md)",
               flush=True)
-    rt.allocate()
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention,
            "attention_impl": attention_implementation()}

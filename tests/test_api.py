@@ -152,3 +152,14 @@ def test_profile_overrides_through_from_profile(tiny_dir):
     r = sdvg_rt.Runtime.from_profile(path, "cpu", text_encoder=False, tau=-0.25, mode="target", **SMALL)
     assert (r.profile.sampling.tau, r.profile.sampling.mode) == (-0.25, "target")
     assert r.profile.path == path and torch.device("cpu") == r.device
+
+
+def test_importing_the_library_changes_nothing_process_wide():
+    """The allocator setting belongs to the command-line entry points, not to ``import sdvg_rt``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    code = "import os, sdvg_rt, sdvg_rt.api, sdvg_rt.cli; assert 'PYTORCH_CUDA_ALLOC_CONF' not in os.environ"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)

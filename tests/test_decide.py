@@ -100,3 +100,13 @@ def test_queue_pending_must_be_consecutive():
     q.on_accept(1)
     with pytest.raises(AssertionError):
         q.on_accept(3)
+
+
+def test_block_score_is_the_worst_frame_and_non_finite_frames_win():
+    from sdvg_rt.decide import block_score
+
+    assert block_score([0.5, -0.25, 1.0]) == -0.25
+    assert math.isnan(block_score([0.5, math.inf, math.nan, -math.inf]))  # NaN before +-inf
+    assert block_score([0.5, math.inf]) == math.inf  # a +inf frame makes the block +inf: decide rejects it
+    assert block_score([0.5, -math.inf]) == -math.inf
+    assert decide("sdvg", 1, block_score([2.0, math.inf]), tau=0.0).kind == REJECTED
