@@ -69,6 +69,7 @@ class Runtime:
 
     def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float):
         self.profile, self.device = profile, device
+        backends.configure(profile, models, device)  # the torch fast path, before prompts are encoded
         self.dtype = DTYPES[profile.precision]
         self.models = models  # the torch modules by part (drafter, target, vae, scorer, scorer_tokenizer)
         self.text_encoder = text_encoder

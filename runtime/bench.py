@@ -148,8 +148,6 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
     """Median ms of each component at the mean context of the video (block n//2) and its floor."""
     from .floor import FloorProbe
     from .loop import PreparedPrompt
-    from .models.attention import attention_implementation
-
     loop, prof = rt.loop, rt.profile
     v = prof.video
     nb = v.num_blocks
@@ -168,7 +166,7 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
         if device.type == "cuda":
             m = den.cfg
             tpb = den.cache.tokens_per_block
-            impl = attention_implementation()
+            impl = rt.models[kind].attention.implementation
             probe = FloorProbe(m.dim, m.ffn_dim, m.num_layers, m.num_heads, tpb,
                                backend="fa4" if impl == "fa4" else "cudnn")
             fwd = probe.forward((mid + 1) * tpb)
@@ -373,21 +371,20 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from .models.attention import attention_implementation
-
     from .api import resolve_device
 
     dev = resolve_device(a.device)
     print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
     rt = build_runtime(a.size, dev, attention=a.attention)
-    rt.allocate()  # builds the steps: the attention kernel is chosen here
-    if dev.type == "cuda" and attention_implementation() != "fa4":
+    rt.allocate()
+    impl = rt.models["target"].attention.implementation
+    if dev.type == "cuda" and impl != "fa4":
         print("  note: attention runs on torch SDPA; on Hopper, FlashAttention-4 (pip install 'sdvg-rt[fa4]', or "
               "tools/fa4_ferry.sh on a machine without network) makes the DiTs faster (docs/PERFORMANCE.md)",
               flush=True)
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention,
-           "attention_impl": attention_implementation()}
+           "attention_impl": impl}
     res["self_check"] = self_check(rt, dev)
     res["components"] = bench_components(rt, dev, a.repeats)
     runs = []

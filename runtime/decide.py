@@ -2,7 +2,8 @@
 
 The loop asks ``drafts(mode, block)`` / ``scores(mode, block)`` what to run for a block, ``block_score``
 for the worst frame of a scored draft and ``decide(...)`` what to keep; ``CommitQueue`` says which
-accepted drafts must reach the target's cache before the target is next used. Tested on CPU with hand-made scores, the way vLLM tests its scheduler.
+accepted drafts must reach the target's cache before the target is next used. Tested on CPU with
+hand-made scores, the way vLLM tests its scheduler.
 """
 from __future__ import annotations
 

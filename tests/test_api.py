@@ -163,3 +163,18 @@ def test_importing_the_library_changes_nothing_process_wide():
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
     code = "import os, sdvg_rt, sdvg_rt.api, sdvg_rt.cli; assert 'PYTORCH_CUDA_ALLOC_CONF' not in os.environ"
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_two_runtimes_in_one_process_keep_their_own_attention(tiny_dir, rt):
+    """The performance choices are held by each Runtime's models, not by module state: a second Runtime
+    with another attention kernel leaves the first one's kernel and output unchanged."""
+    prompt = rt.encode_prompts(["a lighthouse at night"])[0]
+    before = rt.generate(prompt, seed=1, mode="target")
+    other = sdvg_rt.Runtime.from_profile(demo_profile(tiny_dir), "cpu", text_encoder=False, attention="math",
+                                         **SMALL)
+    assert {other.models[k].attention.name for k in ("drafter", "target")} == {"math"}
+    assert {rt.models[k].attention.name for k in ("drafter", "target")} == {rt.profile.performance.attention}
+    assert rt.profile.performance.attention == "auto"
+    after = rt.generate(prompt, seed=1, mode="target")
+    assert np.array_equal(before.frames, after.frames) and torch.equal(before.latents, after.latents)
+    other.close()

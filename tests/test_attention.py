@@ -9,12 +9,6 @@ from sdvg_rt.models import attention as attn_mod
 from sdvg_rt.profiles import ATTENTION_BACKENDS
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    yield
-    attn_mod.set_attention_backend("auto")
-
-
 def _fake_fa4(monkeypatch, calls: list):
     """A stand-in ``flash_attn.cute.interface`` whose ``flash_attn_func`` records its calls."""
 
@@ -36,36 +30,36 @@ def test_profile_names_match_the_call_site():
 def test_fa4_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails as if not installed
     with pytest.raises(RuntimeError, match=r"pip install 'sdvg-rt\[fa4\]'"):
-        attn_mod.set_attention_backend("fa4")
-    attn_mod.set_attention_backend("auto", "cpu")  # auto never needs it
-    assert attn_mod.attention_implementation() == "sdpa:auto"
+        attn_mod.Attention("fa4")
+    a = attn_mod.Attention("auto", "cpu")  # auto never needs it
+    assert a.implementation == "sdpa:auto"
 
 
 def test_auto_on_cpu_does_not_load_fa4(monkeypatch):
     calls = []
     _fake_fa4(monkeypatch, calls)
-    attn_mod.set_attention_backend("auto", "cpu")
-    assert attn_mod.attention_implementation() == "sdpa:auto"
-    attn_mod.set_attention_backend("auto")  # no device: the SDPA order
-    assert attn_mod.attention_implementation() == "sdpa:auto"
+    a = attn_mod.Attention("auto", "cpu")
+    assert a.implementation == "sdpa:auto"
+    a = attn_mod.Attention("auto")  # no device: the SDPA order
+    assert a.implementation == "sdpa:auto"
     q = torch.randn(3, 2, 8)
-    attn_mod.attention(q, q, q)
+    a(q, q, q)
     assert calls == []
 
 
 def test_fa4_selected_leaves_cpu_fp32_and_masked_calls_on_sdpa(monkeypatch):
     calls = []
     _fake_fa4(monkeypatch, calls)
-    attn_mod.set_attention_backend("fa4")
-    assert attn_mod.get_attention_backend() == "fa4"
-    assert attn_mod.attention_implementation() == "fa4"
+    a = attn_mod.Attention("fa4")
+    assert a.name == "fa4"
+    assert a.implementation == "fa4"
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(L, 2, 16, generator=g) for L in (5, 7, 7))
     scores = torch.einsum("qhd,khd->hqk", q, k) / 4.0
     ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-    torch.testing.assert_close(attn_mod.attention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a(q, k, v), ref, rtol=1e-5, atol=1e-5)
     mask = torch.ones(5, 7, dtype=torch.bool)
-    torch.testing.assert_close(attn_mod.attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
     assert calls == []  # CPU tensors never reach the GPU kernel
 
 
@@ -77,18 +71,17 @@ _HAS_FA4 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] =
 def test_fa4_on_cache_slices_matches_fp32():
     """FlashAttention-4 through the call site, on a [2, S, H, D] cache layer's slices (no copies), matches
     an fp32 evaluation as closely as cuDNN does, and ``auto`` picks it on Hopper."""
-    attn_mod.set_attention_backend("auto", "cuda")
-    assert attn_mod.attention_implementation() == "fa4"
+    a = attn_mod.Attention("auto", "cuda")
+    assert a.implementation == "fa4"
     g = torch.Generator(device="cuda").manual_seed(0)
     H, D, lq, lk = 12, 128, 1560, 4680
     kv = torch.randn(2, lk + 1560, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     q = torch.randn(lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = kv[0, :lk], kv[1, :lk]
-    out = attn_mod.attention(q, k, v)
+    out = a(q, k, v)
     assert out.shape == (lq, H, D) and out.dtype == torch.bfloat16
     f = [t.float().transpose(0, 1)[None] for t in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*f)[0].transpose(0, 1)
     err = ((out.float() - ref).norm() / ref.norm()).item()
-    attn_mod.set_attention_backend("cudnn")
-    err_cudnn = ((attn_mod.attention(q, k, v).float() - ref).norm() / ref.norm()).item()
+    err_cudnn = ((attn_mod.Attention("cudnn")(q, k, v).float() - ref).norm() / ref.norm()).item()
     assert err < 1.2 * err_cudnn + 1e-4, (err, err_cudnn)

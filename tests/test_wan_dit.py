@@ -266,18 +266,14 @@ def test_attention_matches_manual_softmax_and_backends():
     mask[:, 0] = True
     scores = torch.einsum("qhd,khd->hqk", q, k) / 4.0
     ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
-    try:
-        for name in ("math", "auto", "flash", "efficient"):
-            attn_mod.set_attention_backend(name)
-            assert attn_mod.get_attention_backend() == name
-            torch.testing.assert_close(attn_mod.attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
-        attn_mod.set_attention_backend("math")
-        full = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-        torch.testing.assert_close(attn_mod.attention(q, k, v), full, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="unknown attention backend"):
-            attn_mod.set_attention_backend("flash3")
-    finally:
-        attn_mod.set_attention_backend("auto")
+    for name in ("math", "auto", "flash", "efficient"):
+        a = attn_mod.Attention(name)
+        assert a.name == name
+        torch.testing.assert_close(a(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
+    full = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    torch.testing.assert_close(attn_mod.Attention("math")(q, k, v), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attn_mod.Attention("flash3")
 
 
 def test_fused_qk_keeps_keys_and_outputs():

@@ -3,7 +3,8 @@
 A backend supplies one *step* per part with the engine's I/O signature (``io_spec``): torch steps adapt
 the modules (``torch_backend``), TensorRT steps enqueue engines (``tensorrt_backend``). The per-block
 recipe around a step is written once, in ``sdvg_rt.components``. This module makes the choice, in one
-place: ``check`` (before anything is loaded), ``torch_parts`` (which weights to load), ``build`` (the steps).
+place: ``check`` (before anything is loaded), ``torch_parts`` (which weights to load), ``configure`` (the torch
+fast path, once the weights are loaded), ``build`` (the steps).
 """
 from __future__ import annotations
 
@@ -50,15 +51,21 @@ def torch_parts(profile) -> list[str]:
     return [p for p in PARTS if getattr(profile.backends, p) == "torch"]
 
 
+def configure(profile, models: dict, device) -> None:
+    """The torch fast-path settings of the profile's ``performance`` section for the loaded torch modules
+    (``torch_backend.configure``), once, when a Runtime is constructed (before prompts are encoded)."""
+    from .torch_backend import configure as configure_torch
+
+    configure_torch(profile, torch.device(device), {k: models[k] for k in ("drafter", "target") if k in models})
+
+
 def build(profile, models: dict, device, *, engines_dir=None) -> dict[str, Any]:
     """One step per part, torch or TensorRT as the profile says: ``drafter``, ``target`` (DiT steps),
     ``vae`` (VAE step), ``scorer`` (score step). ``models`` holds the loaded torch modules."""
     from .tensorrt_backend import build_steps
-    from .torch_backend import TorchDiTStep, TorchScoreStep, TorchVAEStep, configure
+    from .torch_backend import TorchDiTStep, TorchScoreStep, TorchVAEStep
 
-    device = torch.device(device)
     on_torch = torch_parts(profile)
-    configure(profile, device, {k: models[k] for k in ("drafter", "target") if k in on_torch})
     steps = build_steps(profile, [p for p in PARTS if p not in on_torch], device, engines_dir=engines_dir)
     for kind in ("drafter", "target"):
         if kind in on_torch:

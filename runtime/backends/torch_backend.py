@@ -87,15 +87,17 @@ def vae_decoder(model, h: int, w: int, dtype: torch.dtype | None = None, device=
 
 
 def configure(prof, dev: torch.device, dits: dict) -> None:
-    """The torch backend's GPU fast path (profile section ``performance``), chosen once when the steps are
-    built: the attention implementation, one q/k GEMM per layer (v's GEMM writes the cache), and the
+    """The torch backend's GPU fast path (profile section ``performance``), chosen once when a Runtime is
+    constructed: the attention implementation, one q/k GEMM per layer (v's GEMM writes the cache), and the
     elementwise groups of the DiT and VAE compiled into single kernels. On CPU only the attention choice
     applies (everything else stays eager)."""
     from ..models import wan_dit, wan_vae
-    from ..models.attention import set_attention_backend
+    from ..models.attention import Attention
 
     perf = prof.performance
-    set_attention_backend(perf.attention, dev)
+    attention = Attention(perf.attention, dev)  # one kernel choice, held by the models
+    for model in dits.values():
+        model.set_attention(attention)
     if dev.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions: pick the fastest algorithm once

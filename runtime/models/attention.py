@@ -1,9 +1,10 @@
 """The single attention call site of sdvg-rt.
 
-Every attention in the models (DiT self- and cross-attention) goes through ``attention``; the
-implementation is chosen once (``set_attention_backend``): FlashAttention-4's Hopper kernel (the
-optional package ``flash-attn-4``, ``pip install 'sdvg-rt[fa4]'``) or one of torch's SDPA backends, applied
-with ``sdpa_kernel`` around the one ``scaled_dot_product_attention`` call.
+Every attention in the DiT (self- and cross-attention) calls an ``Attention`` object, which fixes the
+implementation at construction: FlashAttention-4's Hopper kernel (the optional package ``flash-attn-4``,
+``pip install 'sdvg-rt[fa4]'``) or one of torch's SDPA backends, applied with ``sdpa_kernel`` around the
+one ``scaled_dot_product_attention`` call. A model holds its own (``WanDiT.set_attention``; default
+``Attention()``: SDPA, cuDNN first), so two models in one process can run different kernels.
 
 Layout: q ``[Lq, H, D]``, k and v ``[Lk, H, D]`` (token-major, the layout of ``KVCache.kv[i, 0]``), so
 a slice of the cache is passed without a copy. FlashAttention-4 takes them as ``[1, L, H, D]``; for
@@ -34,11 +35,6 @@ FA4_INSTALL = "pip install 'sdvg-rt[fa4]' (flash-attn-4 and the CUTLASS DSL; see
 # arbitrary mask (flash) fall back to these, in this order.
 _MASK_FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_name = "auto"
-_backends = list(_BACKENDS["auto"])
-_backends_masked = list(_BACKENDS["auto"])
-_fa4 = None  # flash_attn.cute.interface.flash_attn_func while FlashAttention-4 is in use
-
 
 def load_fa4():
     """FlashAttention-4's ``flash_attn_func`` (the optional package ``flash-attn-4``); raises RuntimeError
@@ -52,55 +48,52 @@ def load_fa4():
     return flash_attn_func
 
 
-def set_attention_backend(name: str, device: torch.device | str | None = None) -> None:
-    """Choose the attention implementation once, at load.
+class Attention:
+    """Softmax attention with one implementation chosen at construction (it never changes afterwards).
 
     "auto": FlashAttention-4 on a Hopper GPU ``device`` where ``flash-attn-4`` is installed (faster than
-    cuDNN at the DiT's shapes, docs/PERFORMANCE.md), else SDPA with cuDNN first.
-    "fa4": FlashAttention-4, an error if it is not installed. "cudnn" | "flash" | "efficient" | "math": that
-    SDPA backend."""
-    global _name, _backends, _backends_masked, _fa4
-    if name not in NAMES:
-        raise ValueError(
-            f"unknown attention backend {name!r}; choose one of {list(NAMES)} "
-            "(profile field performance.attention)"
-        )
-    fa4 = None
-    if name == "fa4":
-        fa4 = load_fa4()
-    elif name == "auto" and device is not None and torch.device(device).type == "cuda" \
-            and torch.cuda.get_device_capability(torch.device(device))[0] == 9:
-        try:
+    cuDNN at the DiT's shapes, docs/PERFORMANCE.md), else SDPA with cuDNN first. "fa4": FlashAttention-4,
+    an error if it is not installed. "cudnn" | "flash" | "efficient" | "math": that SDPA backend."""
+
+    def __init__(self, name: str = "auto", device: torch.device | str | None = None):
+        if name not in NAMES:
+            raise ValueError(
+                f"unknown attention backend {name!r}; choose one of {list(NAMES)} "
+                "(profile field performance.attention)"
+            )
+        fa4 = None
+        if name == "fa4":
             fa4 = load_fa4()
-        except RuntimeError:
-            fa4 = None  # not installed: cuDNN
-    _name, _fa4 = name, fa4
-    _backends = list(_BACKENDS["auto" if name == "fa4" else name])
-    _backends_masked = _backends + [b for b in _MASK_FALLBACK if b not in _backends]
+        elif name == "auto" and device is not None and torch.device(device).type == "cuda" \
+                and torch.cuda.get_device_capability(torch.device(device))[0] == 9:
+            try:
+                fa4 = load_fa4()
+            except RuntimeError:
+                fa4 = None  # not installed: cuDNN
+        self.name, self._fa4 = name, fa4
+        self._backends = list(_BACKENDS["auto" if name == "fa4" else name])
+        self._backends_masked = self._backends + [b for b in _MASK_FALLBACK if b not in self._backends]
 
+    @property
+    def implementation(self) -> str:
+        """What unmasked GPU attention runs: "fa4" or "sdpa:<name>" (for reports)."""
+        return "fa4" if self._fa4 is not None else f"sdpa:{self.name}"
 
-def get_attention_backend() -> str:
-    """The name given to ``set_attention_backend`` (default "auto")."""
-    return _name
+    def __repr__(self) -> str:
+        return f"Attention({self.name!r}: {self.implementation})"
 
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention with scale 1/sqrt(D). q [Lq, H, D], k/v [Lk, H, D], mask [Lq, Lk] bool.
 
-def attention_implementation() -> str:
-    """What unmasked GPU attention runs now: "fa4" or "sdpa:<name>" (for reports)."""
-    return "fa4" if _fa4 is not None else f"sdpa:{_name}"
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention with scale 1/sqrt(D). q [Lq, H, D], k/v [Lk, H, D], mask [Lq, Lk] bool.
-
-    Returns [Lq, H, D] (FlashAttention-4's output, or a view of SDPA's). No host sync.
-    """
-    if _fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-        return _fa4(q[None], k[None], v[None])[0][0]
-    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D] views
-    kh = k.transpose(0, 1).unsqueeze(0)
-    vh = v.transpose(0, 1).unsqueeze(0)
-    with sdpa_kernel(_backends if mask is None else _backends_masked, set_priority=True):
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return out.squeeze(0).transpose(0, 1)
+        Returns [Lq, H, D] (FlashAttention-4's output, or a view of SDPA's). No host sync.
+        """
+        if self._fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
+                and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return self._fa4(q[None], k[None], v[None])[0][0]
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D] views
+        kh = k.transpose(0, 1).unsqueeze(0)
+        vh = v.transpose(0, 1).unsqueeze(0)
+        with sdpa_kernel(self._backends if mask is None else self._backends_masked, set_priority=True):
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        return out.squeeze(0).transpose(0, 1)

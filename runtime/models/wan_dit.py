@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv_cache import BlockSlots
-from .attention import attention
+from .attention import Attention
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -277,7 +277,9 @@ def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
 
 class _WanAttentionParams(nn.Module):
     """The parameters both attentions share (official names): q, k, v, o and the q/k RMSNorms (over the
-    full dim, before the head split)."""
+    full dim, before the head split); ``attention`` is the kernel (``WanDiT.set_attention``)."""
+
+    attention = Attention()  # default: SDPA with cuDNN first; an instance attribute once set
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -340,7 +342,7 @@ class WanSelfAttention(_WanAttentionParams):
             k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
             v = self.v(x).view(n, self.num_heads, self.head_dim)
         # 2. attention and output projection
-        return self.o(attention(q, k, v, mask).reshape(n, -1))
+        return self.o(self.attention(q, k, v, mask).reshape(n, -1))
 
     def write_kv(self, x, rope, kv_layer, write_start):
         """The cache write of ``forward``: RoPE(norm(k)) and v into ``kv_layer[:, write_start:write_start+n]``;
@@ -370,7 +372,7 @@ class WanCrossAttention(_WanAttentionParams):
     def forward(self, x: torch.Tensor, ctx_kv: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q = self.norm_q(self.q(x)).view(n, self.num_heads, self.head_dim)
-        return self.o(attention(q, ctx_kv[0], ctx_kv[1]).reshape(n, -1))
+        return self.o(self.attention(q, ctx_kv[0], ctx_kv[1]).reshape(n, -1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,6 +451,16 @@ class WanDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.head.head.weight.dtype
+
+    def set_attention(self, attention: Attention) -> "WanDiT":
+        """The attention kernel of every self- and cross-attention of this model (chosen once, at load)."""
+        for block in self.blocks:
+            block.self_attn.attention = block.cross_attn.attention = attention
+        return self
+
+    @property
+    def attention(self) -> Attention:
+        return self.blocks[0].self_attn.attention
 
     def fuse_qk(self) -> "WanDiT":
         """One q/k GEMM per layer (weights become views of one tensor; call after loading)."""

@@ -32,10 +32,10 @@ def fast_dit_step(preset: str, block: int = 3):
     """``dit_step`` on the runtime's GPU fast path: cuDNN attention, fused QKV, the compiled elementwise
     groups (the DiT's Triton kernels)."""
     from sdvg_rt.models import wan_dit
-    from sdvg_rt.models.attention import set_attention_backend
+    from sdvg_rt.models.attention import Attention
 
-    set_attention_backend("cudnn")
     m, step, probe = dit_step(preset, block)
+    m.set_attention(Attention("cudnn"))
     m.fuse_qk()
     wan_dit.compile_elementwise(True)
     return m, step, probe

@@ -12,13 +12,13 @@ import torch
 from gpu_common import dit_step, graph_of
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import wan_dit
-from sdvg_rt.models.attention import set_attention_backend
+from sdvg_rt.models.attention import Attention
 
-set_attention_backend("cudnn")
 out_dir = os.environ.get("OUT", ".")
 results = {}
 for preset in sys.argv[1].split(",") if len(sys.argv) > 1 else ("wan2.1-14b", "wan2.1-1.3b"):
     m, step, probe = dit_step(preset)
+    m.set_attention(Attention("cudnn"))
     m.fuse_qk()
     slots = step.cache.slots(3)
     variants = {"inductor groups": False, "triton kernels": True}

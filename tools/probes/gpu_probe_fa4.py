@@ -11,7 +11,7 @@ import time
 import torch
 
 from sdvg_rt.floor import cuda_time
-from sdvg_rt.models.attention import attention, set_attention_backend
+from sdvg_rt.models.attention import Attention
 
 
 def timeit(fn):
@@ -23,7 +23,7 @@ def main():
     t = time.time()
     from flash_attn.cute.interface import _flash_attn_fwd
     print(f"import flash_attn.cute: {time.time() - t:.1f} s")
-    set_attention_backend("cudnn")
+    attention = Attention("cudnn")
     torch.manual_seed(0)
     rows = []
     for name, H in (("14B", 40), ("1.3B", 12)):
