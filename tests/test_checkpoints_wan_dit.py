@@ -253,3 +253,56 @@ def test_self_forcing_keys_with_training_wrapper_segments(tmp_path):
     cfg, got = load_dit_state_dict(tmp_path / "self_forcing_dmd.pt")
     assert cfg.name == "tiny"
     _assert_same(got, ref)
+
+
+# The diffusers names of the original Wan keys, written out from DIFF scripts/convert_wan_to_diffusers.py
+# (wan-models.md) rather than derived from our key map: per block, then top level.
+_SPEC_BLOCK = {
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+    "norm2": "norm3", "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    "modulation": "scale_shift_table",
+}
+_SPEC_TOP = {
+    "patch_embedding": "patch_embedding", "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out", "head.modulation": "scale_shift_table",
+}
+
+
+def _spec_diffusers_name(key: str) -> str:
+    if key.startswith("blocks."):
+        _, i, rest = key.split(".", 2)
+        for wan, diff in _SPEC_BLOCK.items():
+            if rest == wan or rest.startswith(wan + "."):
+                return f"blocks.{i}.{diff}{rest[len(wan):]}"
+        raise AssertionError(f"no spec name for {key}")
+    for wan, diff in _SPEC_TOP.items():
+        if key == wan or key.startswith(wan + "."):
+            return diff + key[len(wan):]
+    raise AssertionError(f"no spec name for {key}")
+
+
+def test_diffusers_folder_with_distinct_tensors_loads_each_into_its_own_parameter(tmp_path):
+    """A diffusers folder written by diffusers itself, every tensor filled with its own value: each of our
+    keys gets exactly the tensor the spec's name table says (a swap of two same-shaped tensors, e.g. q/k or
+    norm2/norm3, fails here although shapes and key sets still match)."""
+    shapes = expected_shapes(PRESETS["tiny"])
+    p = _write(tmp_path, "diffusers_folder", seed=0, dtype=torch.float32)
+    dm = WanTransformer3DModel.from_config(json.loads((p / "config.json").read_text()))
+    value = {}
+    with torch.no_grad():
+        for i, (name, t) in enumerate(sorted(dm.state_dict().items())):
+            t.fill_(float(i + 1))
+            value[name] = float(i + 1)
+    out = tmp_path / "ours" / "transformer"
+    dm.save_pretrained(out, safe_serialization=True)
+    _, sd = load_dit_state_dict(out)
+    assert set(sd) == set(shapes)
+    for key, t in sd.items():
+        want = value[_spec_diffusers_name(key)]
+        assert torch.all(t == want), f"{key} holds {t.flatten()[0].item()}, expected {_spec_diffusers_name(key)}"

@@ -7,6 +7,7 @@ import types
 
 import av
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import sdvg_rt.checkpoints.synthetic as synthetic
@@ -209,3 +210,19 @@ def test_profile_rejects_unknown_model_preset_and_x264_preset(tmp_path):
         demo_profile(models__drafter="wan2.1-7b")
     with pytest.raises(ProfileError, match="output.preset"):
         demo_profile(preset="turbo")
+
+
+def test_device_flag_reaches_the_runtime(tmp_path, monkeypatch):
+    """``run --device`` is what the Runtime is built on (a name the default would never pick fails typed)."""
+    from sdvg_rt import api
+    from sdvg_rt.errors import BackendUnavailableError
+    from sdvg_rt.cli import main
+
+    seen = []
+    real = api.resolve_device
+    monkeypatch.setattr(api, "resolve_device", lambda d=None: (seen.append(d), real(d))[1])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n", encoding="utf-8")
+    assert main(["run", str(prompts), "--out", str(tmp_path / "o"), "--device", "cuda:7"]) == \
+        BackendUnavailableError.exit_code or torch.cuda.device_count() > 7
+    assert "cuda:7" in seen

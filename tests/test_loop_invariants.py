@@ -265,3 +265,38 @@ def test_lazy_equals_eager_through_the_ring_with_several_pending_blocks(tmp_path
         assert torch.equal(lazy["kv"][kind], eager["kv"][kind]), kind
     commits = [b["target_commits"] for b in lazy["res"].stats["blocks"]]
     assert commits[4] == [1, 2, 3, 4]  # three pending accepts, then the rejected block's own commit
+
+
+def test_nonfinite_draft_latents_reject_through_the_loop(rt):
+    """NaN in the drafter's output at block 1: rejected for non-finite latents, the target's block kept."""
+    den = rt.loop.drafter
+    real = den.denoise_block
+
+    def broken(block):
+        x = real(block)
+        return x.index_fill_(3, torch.tensor([0]), float("nan")) if block == 1 else x
+    den.denoise_block = broken
+    sc = rt.loop.scorer
+    sc.score = lambda frames: torch.zeros(frames.shape[2])  # a finite score that would pass tau = 0
+    try:
+        res = rt.generate(rt.prompts[0], tau=0.0)
+    finally:
+        del den.denoise_block, sc.score
+    b1 = res.stats["blocks"][1]
+    assert b1["decision"] == "rejected" and "not finite" in b1["reason"]
+    assert torch.isfinite(res.latents).all()
+
+
+def test_nan_frames_raise_numerical_error_naming_the_block(rt):
+    dec = rt.loop.decoder
+    real = dec.decode_commit
+
+    def broken(z, block):
+        f = real(z, block)
+        return f.index_fill_(2, torch.tensor([0]), float("nan")) if block == 2 else f
+    dec.decode_commit = broken
+    try:
+        with pytest.raises(NumericalError, match="block 2: the decoded frames"):
+            rt.generate(rt.prompts[0], mode="target")
+    finally:
+        del dec.decode_commit

@@ -92,3 +92,14 @@ def test_background_writer_equals_the_plain_writer_and_surfaces_errors(tmp_path)
     with pytest.raises(ValueError, match="expected uint8 frames"):
         bad.close()
     assert not (tmp_path / "c.mp4").exists() and not list(tmp_path.glob("c.mp4*"))
+
+
+def test_mp4_round_trip_keeps_frame_order(tmp_path):
+    """Each frame comes back at its own index: frames differ by far more than the codec's error, so two
+    swapped frames (or a dropped/duplicated one) fail."""
+    frames = _frames()
+    frames = (frames.astype(np.int32) + (np.arange(len(frames)) * 97 % 256)[:, None, None, None]).astype(np.uint8)
+    back = read_video(write_video(tmp_path / "v.mp4", frames, fps=16, crf=10, preset="ultrafast")).astype(int)
+    err = np.abs(back[:, None] - frames[None].astype(int)).mean(axis=(2, 3, 4))  # [decoded, source]
+    assert (err.argmin(axis=1) == np.arange(len(frames))).all()
+    assert (np.sort(err, axis=1)[:, 1] > 5 * np.diag(err)).all()  # the match is unambiguous

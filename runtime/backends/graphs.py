@@ -20,12 +20,17 @@ class CudaGraphs:
     writes only tensors allocated outside any graph (the component's preallocated buffers, caches and
     states); whatever it allocates is scratch, dead when it returns. Host values a graph bakes in (a block
     index, slot offsets, sigmas, stream handles read inside ``fn``) are part of its key.
+
+    ``graph_factory`` (tests): makes a stand-in graph object with ``capture(fn)`` and ``replay()`` used
+    instead of ``torch.cuda.CUDAGraph`` on any device, so the graph-enabled paths run without a GPU (the
+    first call of a key still runs ``fn`` eagerly, then captures it; later calls replay).
     """
 
-    def __init__(self, enabled: bool, device):
+    def __init__(self, enabled: bool, device, graph_factory: Callable[[], Any] | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.enabled = bool(enabled) and self.device.type == "cuda"
-        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self.factory = graph_factory
+        self.enabled = bool(enabled) and (self.device.type == "cuda" or graph_factory is not None)
+        self.graphs: dict[Any, Any] = {}
         self._pool = self._stream = None
 
     def run(self, key, fn: Callable[[], None]) -> None:
@@ -35,6 +40,12 @@ class CudaGraphs:
         g = self.graphs.get(key)
         if g is not None:
             g.replay()
+            return
+        if self.factory is not None:
+            fn()
+            g = self.factory()
+            g.capture(fn)
+            self.graphs[key] = g
             return
         if self._stream is None:
             self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
