@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from sdvg_rt.api import Runtime
+from sdvg_rt import components as _components
+from sdvg_rt import decide as _decide
 from sdvg_rt.backends import torch_backend
 from sdvg_rt.backends.graphs import CudaGraphs
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
@@ -42,23 +44,24 @@ def components(rt) -> dict:
 
 def models(rt) -> dict:
     """The loaded models (drafter, target, vae, scorer, scorer_tokenizer)."""
-    return rt._models
+    return rt.models
 
 
 def make_denoiser(model, kind: str, *, latent_shape, window_frames: int, sink_frames: int, schedule,
                   dtype=torch.float32, device="cpu"):
     """A fresh denoiser component (the class the runtime builds for torch-backed DiTs)."""
-    return torch_backend.TorchDenoiser(model, kind, latent_shape=latent_shape, window_frames=window_frames,
-                                       sink_frames=sink_frames, schedule=schedule, device=device, dtype=dtype)
+    return _components.Denoiser(torch_backend.TorchDiTStep(model), kind, latent_shape=latent_shape,
+                                window_frames=window_frames, sink_frames=sink_frames, schedule=schedule,
+                                device=device, dtype=dtype)
 
 
 def set_decide(loop, fn) -> None:
     """Replace the loop's per-block decision (``fn(mode, block, score, tau, finite) -> Decision``)."""
-    loop.decide_block = fn
+    loop.decide = fn
 
 
 def clear_decide(loop) -> None:
-    loop.__dict__.pop("decide_block", None)
+    loop.decide = _decide.decide
 
 
 class StandInGraph:

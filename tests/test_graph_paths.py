@@ -66,9 +66,9 @@ def test_graph_outputs_land_in_static_buffers(rt):
         x = den.denoise_block(1)
         assert x.data_ptr() == den.out.data_ptr()
         frames = dec.decode_scratch(x, 1)
-        assert frames.data_ptr() == dec.frames_out[False].data_ptr()
+        assert frames.data_ptr() == dec.frames[False].data_ptr()
         s = sc.score(frames)
-        assert s.data_ptr() == sc.out[(frames.data_ptr(), tuple(frames.shape))].data_ptr()
+        assert s.data_ptr() == sc.rewards.data_ptr()
         # a replayed decode/score writes fresh values there: poison the outputs, replay, compare with eager
         ref_frames = frames.clone()
         frames.fill_(7.0)
