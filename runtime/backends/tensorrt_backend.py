@@ -32,8 +32,10 @@ PyPI placeholder), raises ``BackendUnavailableError`` naming what is installed. 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,27 +69,86 @@ class EngineRunError(SdvgError):
 # --------------------------------------------------------------------------------------------------
 # TensorRT discovery
 
-def tensorrt_module():
-    """The real ``tensorrt`` module, or ``BackendUnavailableError`` naming what is installed.
+FLAVOURS = ("tensorrt", "tensorrt_rtx")
+# Oldest version each flavour is used with: TensorRT 10.11 (set_device_memory/device_memory_size_v2 since
+# 10.1, an ONNX-1.17 parser for opset 22 since 10.6, tensors over 2^31 elements since 10.10/10.11);
+# TensorRT-RTX 1.0 (the first release).
+MIN_VERSIONS = {"tensorrt": (10, 11), "tensorrt_rtx": (1, 0)}
+PIP_EXTRAS = {"tensorrt": "sdvg-rt[trt]", "tensorrt_rtx": "sdvg-rt[trt-rtx]"}
+# TensorRT-RTX targets Ampere-and-later consumer/workstation architectures; it has no Hopper (9.x) or
+# data-centre Blackwell (10.x) code, so an H100/H200/B200 takes TensorRT 10/11.
+RTX_COMPUTE_CAPABILITIES = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+# What an RTX build targets when no --compute-capability is given (TensorRT-RTX's own portable default).
+RTX_PORTABLE = ((8, 0), (8, 6), (8, 9), (12, 0))
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+
+def tensorrt_module(flavour: str = "tensorrt"):
+    """The real module of ``flavour`` (``tensorrt`` or ``tensorrt_rtx``), or ``BackendUnavailableError``
+    naming what is installed.
 
     ``import tensorrt`` also succeeds for the type stubs (an empty namespace package) and the PyPI
-    placeholder packages, so a usable install is detected with ``hasattr(tensorrt, "Builder")``.
+    placeholder packages, so a usable install is detected with ``hasattr(module, "Builder")``; its
+    version must be at least ``MIN_VERSIONS[flavour]``.
     """
+    if flavour not in FLAVOURS:
+        raise BackendUnavailableError(f"unknown TensorRT flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
+    floor = ".".join(map(str, MIN_VERSIONS[flavour]))
+    label = {"tensorrt": f"TensorRT >= {floor}", "tensorrt_rtx": f"TensorRT-RTX >= {floor}"}[flavour]
     try:
-        import tensorrt
+        mod = importlib.import_module(flavour)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"TensorRT is not installed ({e}). Install TensorRT 10.x/11.x for your CUDA (NVIDIA's wheels or "
-            f"container), or set the component's backend to torch in the profile (or, for builds, export the "
-            f"ONNX graphs only with --onnx-only). Installed: {installed_tensorrt_packages() or 'no tensorrt package'}"
-        ) from None
-    if not hasattr(tensorrt, "Builder"):
+            f"{label} is not installed ({e}). Install it (pip install '{PIP_EXTRAS[flavour]}', or NVIDIA's "
+            f"wheels/container), or set the component's backend to torch in the profile (or, for builds, export "
+            f"the ONNX graphs only with --onnx-only). Installed: "
+            f"{installed_tensorrt_packages() or 'no tensorrt package'}") from None
+    if not hasattr(mod, "Builder"):
         raise BackendUnavailableError(
-            "`import tensorrt` finds no TensorRT library (no tensorrt.Builder), only "
+            f"`import {flavour}` finds no library (no {flavour}.Builder), only "
             f"{installed_tensorrt_packages() or 'an empty namespace package'} (type stubs or a PyPI placeholder "
-            "that could not download the real wheel). Install TensorRT 10.x/11.x with its libraries, or set the "
+            f"that could not download the real wheel). Install {label} with its libraries, or set the "
             "component's backend to torch (for builds: --onnx-only)")
-    return tensorrt
+    version = str(getattr(mod, "__version__", "0"))
+    if _version_tuple(version) < MIN_VERSIONS[flavour]:
+        raise BackendUnavailableError(f"{flavour} {version} is installed; sdvg-rt needs {label}. Upgrade it "
+                                      f"(pip install -U '{PIP_EXTRAS[flavour]}')")
+    return mod
+
+
+def flavour_runs_on(flavour: str, cc: tuple[int, int]) -> bool:
+    """Whether ``flavour``'s runtime runs on a GPU of compute capability ``cc``."""
+    if flavour == "tensorrt_rtx":
+        return tuple(cc) in RTX_COMPUTE_CAPABILITIES or tuple(cc) > (12, 1)
+    return tuple(cc) >= (7, 5)
+
+
+def choose_flavour(requested: str, cc: tuple[int, int] | None) -> str:
+    """The profile's ``backends.tensorrt`` resolved: ``auto`` is the installed flavour that runs on this GPU
+    (``cc``; None: no GPU, where only TensorRT-RTX builds ahead of time). An explicit flavour is checked
+    the same way and raises ``BackendUnavailableError`` saying which GPU takes which."""
+    candidates = FLAVOURS if requested == "auto" else (requested,)
+    errors = []
+    for fl in candidates:
+        if cc is None and fl == "tensorrt":
+            errors.append("TensorRT 10/11 builds plans for the GPU it runs on, and there is none")
+            continue
+        if cc is not None and not flavour_runs_on(fl, cc):
+            errors.append(f"{fl} does not run on compute capability {cc[0]}.{cc[1]} (TensorRT-RTX: "
+                          f"{', '.join(f'{a}.{b}' for a, b in RTX_COMPUTE_CAPABILITIES)} and later; "
+                          "Hopper and data-centre Blackwell take TensorRT 10/11)")
+            continue
+        try:
+            tensorrt_module(fl)
+        except BackendUnavailableError as e:
+            errors.append(str(e))
+            continue
+        return fl
+    raise BackendUnavailableError(f"no usable TensorRT flavour for backends.tensorrt: {requested}: "
+                                  + " | ".join(errors))
 
 
 def installed_tensorrt_packages() -> str:
