@@ -248,7 +248,7 @@ def file_changed(path: Path, old: FileRecord, hashes: HashCache) -> str | None:
         return f"{path} is missing"
     st = path.stat()
     if st.st_size != old.size:
-        return f"{path} has {st.st_size} bytes, the manifest says {old.size} (interrupted write or replaced file)"
+        return f"{path} has {st.st_size} bytes, the manifest says {old.size} (interrupted build or replaced file)"
     hashes.seed(old)
     now = hashes.record(path)
     if now.sha256 != old.sha256:
@@ -333,7 +333,8 @@ def plan_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name
     if exp.flavour is not None and p.flavour != exp.flavour:
         reasons.append(f"TensorRT flavour changed (built with {p.flavour}, this run uses {exp.flavour})")
     elif exp.tensorrt_version is not None and p.tensorrt_version != exp.tensorrt_version:
-        reasons.append(f"{p.flavour} version changed (built with {p.tensorrt_version}, installed "
+        label = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}.get(p.flavour, p.flavour)
+        reasons.append(f"{label} version changed (built with {p.tensorrt_version}, installed "
                        f"{exp.tensorrt_version})")
     if p.flavour == "tensorrt_rtx":
         if exp.targets is not None and tuple(p.targets) != tuple(exp.targets):

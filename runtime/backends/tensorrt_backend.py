@@ -66,6 +66,11 @@ class EngineRunError(SdvgError):
     exit_code = 1
 
 
+class CaptureUnsupported(EngineRunError):
+    """``execute_async_v3`` returned False while its stream was capturing a CUDA graph: the engine holds
+    work that cannot be captured (trtexec's rule); ``CudaGraphs`` then runs that key eagerly."""
+
+
 # --------------------------------------------------------------------------------------------------
 # TensorRT discovery
 
@@ -151,6 +156,18 @@ def choose_flavour(requested: str, cc: tuple[int, int] | None) -> str:
                                   + " | ".join(errors))
 
 
+def flavour_status() -> tuple[bool, str]:
+    """(usable, detail) over both flavours: usable if either imports as a real library of a supported
+    version; the detail names each flavour's version or why not (for ``sdvg-rt info`` and the gate)."""
+    found, why = [], []
+    for fl in FLAVOURS:
+        try:
+            found.append(f"{fl} {tensorrt_module(fl).__version__}")
+        except BackendUnavailableError as e:
+            why.append(str(e))
+    return (True, ", ".join(found)) if found else (False, " | ".join(why))
+
+
 def installed_tensorrt_packages() -> str:
     """Installed distributions named tensorrt*, with versions (for messages)."""
     from importlib import metadata
@@ -178,14 +195,43 @@ class ActivationMemory:
 
     Sized as the largest ``device_memory_size_v2`` (the requirement over every profile shape) of the
     engines given; every context is created ``USER_MANAGED`` and pointed at it.
+
+    Also holds one 256-byte slot per I/O tensor of the widest engine, for empty tensors (block 0's past):
+    TensorRT wants a non-null address for them, distinct per tensor, and the activation memory is not
+    to be used for anything else (``empty_address``). And one non-default stream for enqueues made
+    from torch's legacy default stream (``stream_for``).
     """
 
     def __init__(self, engines: Iterable[Engine], device: torch.device | str):
+        engines = list(engines)
         self.size = max((e.device_memory_size for e in engines), default=0)
         raw = torch.empty(self.size + ALIGNMENT, dtype=torch.uint8, device=device)
         offset = -raw.data_ptr() % ALIGNMENT  # CUDA allocations are aligned already; CPU ones may not be
         self.buffer = raw[offset:offset + self.size]
         self.ptr = raw.data_ptr() + offset
+        self.slots = max((len(e.inputs) + len(e.outputs) for e in engines), default=0)
+        raw_empty = torch.zeros((self.slots + 1) * ALIGNMENT, dtype=torch.uint8, device=device)
+        self._empty = raw_empty
+        self._empty_ptr = raw_empty.data_ptr() + (-raw_empty.data_ptr() % ALIGNMENT)
+        self.device = torch.device(device)
+        self._side: torch.cuda.Stream | None = None
+
+    def empty_address(self, index: int) -> int:
+        """A valid, aligned address of its own for the ``index``-th I/O tensor of an engine when it is
+        empty (never read or written by TensorRT: the tensor has no elements)."""
+        if not 0 <= index < self.slots:
+            raise EngineRunError(f"no empty-tensor slot {index} (the engines have {self.slots} I/O tensors at most)")
+        return self._empty_ptr + index * ALIGNMENT
+
+    def stream_for(self, stream: int) -> int | None:
+        """None when ``stream`` can be used as is; else (the legacy default stream, handle 0, on which
+        TensorRT adds device synchronisations) the handle of this set's own stream, ordered after the
+        current one (``Engine.enqueue`` orders the current one after it again)."""
+        if stream != 0 or self.device.type != "cuda":
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side.cuda_stream
 
 
 class Engine:
@@ -193,12 +239,14 @@ class Engine:
     memory), ``activate`` (deserialize), ``bind`` (a context per key), ``enqueue``."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, *, rebuild: str = "",
-                 alignment: int | None = None):
+                 alignment: int | None = None, keep_plan: bool = False):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.rebuild = rebuild
         self.alignment = alignment  # None: ALIGNMENT for device tensors (TensorRT's rule), none on the host
+        self.keep_plan = keep_plan  # False: the plan bytes (28 GB for the 14B) are dropped once deserialized
         self.plan: bytes | None = None
+        self.memory: ActivationMemory | None = None
         self.engine: trt.ICudaEngine | None = None
         self.inputs: dict[str, torch.dtype] = {}
         self.outputs: dict[str, torch.dtype] = {}
@@ -215,14 +263,16 @@ class Engine:
             self.plan = self.path.read_bytes()
         return self
 
-    def activate(self, runtime: trt.Runtime) -> Engine:
-        import tensorrt as trt
-
+    def activate(self, runtime: trt.Runtime, trt_mod=None) -> Engine:
+        """Deserialize with ``runtime`` (of ``trt_mod``, the flavour's module; default ``tensorrt``)."""
         if self.engine is not None:
             return self
+        self.trt = trt_mod if trt_mod is not None else tensorrt_module("tensorrt")
         self.load()
         assert self.plan is not None
         engine = runtime.deserialize_cuda_engine(self.plan)
+        if not self.keep_plan:
+            self.plan = None
         if engine is None:
             raise EngineMismatchError(
                 f"TensorRT could not deserialize {self.path} (built by another TensorRT version, for another "
@@ -234,7 +284,7 @@ class Engine:
             dt = torch_dtype(engine.get_tensor_dtype(name))
             dims = engine.get_tensor_shape(name)
             self.shapes[name] = tuple(int(dims[k]) for k in range(len(dims)))
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            if engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
                 self.inputs[name] = dt
             else:
                 self.outputs[name] = dt
@@ -261,8 +311,7 @@ class Engine:
     # ---- binding and running ---------------------------------------------------------------------
     def bind(self, key, tensors: Mapping[str, torch.Tensor], memory: ActivationMemory) -> trt.IExecutionContext:
         """Create the context for ``key`` and bind every I/O tensor by address (once; later calls reuse it)."""
-        import tensorrt as trt
-
+        trt = self.trt
         if key in self.contexts:
             return self.contexts[key]
         assert self.engine is not None, "activate() first"
@@ -277,6 +326,7 @@ class Engine:
             raise EngineRunError(f"{self.path}: shared activation memory {memory.size} B is smaller than the "
                                  f"engine's {self.device_memory_size} B")
         ctx.set_device_memory(memory.ptr, memory.size)
+        self.memory = memory
         for name, dt in self.inputs.items():
             t = tensors[name]
             self._check_tensor(key, name, t, dt)
@@ -297,10 +347,11 @@ class Engine:
                 raise EngineRunError(f"{self.path}: output {name} is {want} for these inputs, but its buffer is "
                                      f"{tuple(t.shape)} ({key!r})")
         addresses = {}
+        order = {n: i for i, n in enumerate([*self.inputs, *self.outputs])}
         for name, t in tensors.items():
             # torch reports address 0 for an empty tensor (block 0's past): bind a valid, aligned,
-            # never-read address instead of a null pointer
-            ptr = t.data_ptr() if t.numel() else memory.ptr
+            # never-read address of its own instead (TensorRT: non-null, distinct per tensor)
+            ptr = t.data_ptr() if t.numel() else memory.empty_address(order[name])
             if not ctx.set_tensor_address(name, ptr):
                 raise EngineRunError(f"{self.path}: set_tensor_address({name}) failed ({key!r})")
             addresses[name] = ptr
@@ -320,9 +371,24 @@ class Engine:
                 f"{align}")
 
     def enqueue(self, key, stream: int) -> None:
-        """``execute_async_v3`` on the context of ``key``; a False return raises naming the engine file."""
-        ok = self.contexts[key].execute_async_v3(stream)
+        """``execute_async_v3`` on the context of ``key``; a False return raises naming the engine file
+        (``CaptureUnsupported`` while the stream is capturing a CUDA graph). On torch's legacy default
+        stream (handle 0, where TensorRT adds device synchronisations) the work runs on the activation
+        memory's own stream, ordered between the current stream's work by events (no host wait)."""
+        side = self.memory.stream_for(stream) if self.memory is not None else None
+        if side is not None:
+            current = torch.cuda.current_stream(self.memory.device)
+            own = self.memory._side
+            assert own is not None
+            own.wait_stream(current)
+            ok = self.contexts[key].execute_async_v3(side)
+            current.wait_stream(own)
+        else:
+            ok = self.contexts[key].execute_async_v3(stream)
         if not ok:
+            if stream and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise CaptureUnsupported(f"{self.path}: execute_async_v3 cannot be captured in a CUDA graph "
+                                         f"(binding {key!r})")
             raise EngineRunError(f"TensorRT execute_async_v3 failed for engine {self.path} (binding {key!r}); "
                                  "see the TensorRT log above")
 
@@ -602,35 +668,37 @@ def engines_folder(profile, engines_dir: str | os.PathLike | None = None) -> Pat
 
 def open_engines(profile, names: Sequence[str], device, *, engines_dir: str | os.PathLike | None = None
                  ) -> tuple[dict[str, Engine], ActivationMemory]:
-    """Check the manifest against this profile, TensorRT and GPU, then load and activate ``names``
-    with one runtime and one shared activation allocation."""
+    """Check the manifest against this profile, the TensorRT flavour (``backends.tensorrt``) and GPU,
+    then load and activate ``names`` with one runtime and one shared activation allocation."""
     from .. import io_spec
     from ..manifest import Expected, check_engines, rebuild_command
-
-    trt_mod = tensorrt_module()
-    import tensorrt as trt
 
     device = torch.device(device)
     if device.type != "cuda":
         raise BackendUnavailableError(f"the TensorRT backend runs on a CUDA GPU, not {device}; use backend torch")
+    cc = tuple(torch.cuda.get_device_capability(device))
+    flavour = choose_flavour(profile.backends.tensorrt, cc)  # type: ignore[arg-type]
+    trt = tensorrt_module(flavour)
     ios = io_spec.engine_ios(profile)
     unknown = [n for n in names if n not in ios]
     assert not unknown, f"unknown engines {unknown}"
     parts = sorted({ios[n].part for n in names}, key=io_spec.PARTS.index)
     folder = engines_folder(profile, engines_dir)
     rebuild = rebuild_command(profile.path, parts)
+    if flavour == "tensorrt_rtx":
+        rebuild += f" --tensorrt tensorrt_rtx --compute-capability {cc[0]}.{cc[1]}"
     exp = Expected(
         part_hashes=io_spec.engine_hashes(profile, ios), io_hashes={n: ios[n].hash() for n in names},
         checkpoints={n: io_spec.engine_checkpoints(profile, ios[n].part) for n in names},
-        tensorrt_version=trt_mod.__version__, gpu_name=torch.cuda.get_device_name(device),
-        compute_capability=tuple(torch.cuda.get_device_capability(device)))
-    manifest = check_engines(folder, names, exp, rebuild)
+        tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name(device),
+        compute_capability=cc, flavour=flavour)  # type: ignore[arg-type]
+    manifest = check_engines(folder, names, exp, rebuild)  # the plans only: a plans-only deployment runs
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
     for n in names:
         plan = manifest.engines[n].plan
         assert plan is not None  # check_engines reports engines without plans
-        e = Engine(folder / plan.file, n, rebuild=rebuild).load().activate(runtime)
+        e = Engine(folder / plan.file, n, rebuild=rebuild).load().activate(runtime, trt)
         e.check_io(ios[n])
         engines[n] = e
     return engines, ActivationMemory(engines.values(), device)
