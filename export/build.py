@@ -217,18 +217,21 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
             plan_path = folder / f"{name}.plan"
             progress(f"building {name} ({flavour} {trt_version}, opt level {opts.opt_level}) ...")
             t0 = time.perf_counter()
-            build_plan(folder / rec.onnx, ios[name], plan_path, opt_level=opts.opt_level, timing_cache=cache,
+            warnings = build_plan(folder / rec.onnx, ios[name], plan_path, opt_level=opts.opt_level, timing_cache=cache,
                        workspace_bytes=opts.workspace_bytes, rebuild=rebuild_command(prof.path, [rec.part]),
                        flavour=flavour, compute_capabilities=targets)
             st = plan_path.stat()
             records[name] = rec.with_plan(PlanRecord(
                 file=plan_path.name, size=st.st_size, sha256=sha256_file(plan_path),
                 tensorrt_version=trt_version, polygraphy_version=polygraphy.__version__, gpu_name=gpu_name,
-                compute_capability=cc, build={**opts.build_settings(), "timing_cache": str(cache) if cache else None}, built=_now(),
+                compute_capability=cc, build={**opts.build_settings(), "timing_cache": str(cache) if cache else None,
+                                               "profile": {k: list(map(list, v)) for k, v in ios[name].profile().items()},
+                                               "warnings": warnings, "seconds": round(time.perf_counter() - t0, 2)}, built=_now(),
                 flavour=flavour, targets=tuple(targets) if targets else ((cc,) if cc else ()), mtime_ns=st.st_mtime_ns))
             report.built.append(name)
             save()
-            progress(f"  {name}: {st.st_size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
+            progress(f"  {name}: {st.st_size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s"
+                     + (f"; warnings: {warnings}" if warnings else ""))
     if not need_onnx and not need_plan:
         progress(f"all engines of {', '.join(parts)} in {folder} are up to date")
     save()
@@ -255,15 +258,19 @@ def load_part(prof: Profile, part: str, device: torch.device):
 
 def build_plan(onnx_path: Path, io: io_spec.EngineIO, plan_path: Path, *, opt_level: int = 3,
                timing_cache: Path | None = None, workspace_bytes: int | None = None, rebuild: str = "",
-               flavour: str = "tensorrt", compute_capabilities: Sequence[tuple[int, int]] | None = None) -> None:
+               flavour: str = "tensorrt", compute_capabilities: Sequence[tuple[int, int]] | None = None) -> list[str]:
     """Build one strongly typed plan from ``onnx_path`` with polygraphy's Python API.
 
     TensorRT reports failures (parser errors, out of memory) in its log and polygraphy then raises a
     generic error, so the log of this build is kept in ``<plan>.build.log`` and read on failure: an
     OOM becomes ``OutOfMemoryError`` with what to do, anything else a RuntimeError naming the log.
+    The parsed network's I/O is checked against ``io`` (``trt_check.check_network``) before the build.
     The plan is written from TensorRT's host memory without a copy, after the parser and network (which
-    hold the ONNX weights) are released.
+    hold the ONNX weights) are released. Returns the build's warnings that matter
+    (``trt_check.build_warnings``; recorded in the manifest).
     """
+    from .trt_check import build_warnings, check_network
+
     trt = tensorrt_module(flavour)  # a clear BackendUnavailableError first
     import_polygraphy(flavour)
     from polygraphy.backend.trt import Profile, engine_bytes_from_network, network_from_onnx_path
@@ -276,12 +283,14 @@ def build_plan(onnx_path: Path, io: io_spec.EngineIO, plan_path: Path, *, opt_le
         from polygraphy.backend.trt import CreateConfig  # type: ignore[assignment]
         extra = {}
     log = plan_path.with_name(plan_path.name + ".build.log")
+    log.unlink(missing_ok=True)  # this build's log only
     previous_log = G_LOGGER.log_file
     G_LOGGER.log_file = str(log)
     plan = None
     try:
         # 1. parse: strongly typed (the graph's dtypes are the engine's)
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        check_network(network, io, onnx_path)
         # 2. one optimization profile from io_spec (min / opt / max of every dynamic input)
         profile = Profile()
         for name, (lo, opt, hi) in io.profile().items():
@@ -314,6 +323,7 @@ def build_plan(onnx_path: Path, io: io_spec.EngineIO, plan_path: Path, *, opt_le
     gc.collect()
     atomic_write_bytes(plan_path, memoryview(plan))
     del plan
+    return build_warnings(log.read_text(errors="replace")) if log.is_file() else []
 
 
 def import_polygraphy(flavour: str):
