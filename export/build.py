@@ -113,8 +113,10 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
     if not opts.onnx_only:
         has_gpu = device.type == "cuda" and torch.cuda.is_available()
         gpu_cc = tuple(torch.cuda.get_device_capability(device)) if has_gpu else None
-        flavour = choose_flavour(opts.flavour or prof.backends.tensorrt, gpu_cc if opts.compute_capabilities is None
-                                 else None)
+        requested = opts.flavour or prof.backends.tensorrt
+        # TensorRT 10/11 builds for this machine's GPU (gpu_info says so if there is none)
+        flavour = "tensorrt" if requested == "tensorrt" else choose_flavour(
+            requested, gpu_cc if opts.compute_capabilities is None else None)
         trt_mod = tensorrt_module(flavour)
         polygraphy = import_polygraphy(flavour)
         trt_version = trt_mod.__version__
@@ -175,7 +177,8 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
         names = [n for n in need_onnx if ios[n].part == part]
         if not names:
             continue
-        progress(f"loading {part} from {getattr(prof.checkpoints, part)} ({device}) ...")
+        progress(f"{part}: random weights at full size (the synthetic rule), {device} ..." if opts.random_weights
+                 else f"loading {part} from {getattr(prof.checkpoints, part)} ({device}) ...")
         try:
             model = random_part(prof, part, device) if opts.random_weights else load_part(prof, part, device)
             paths = onnx_export.export_part(
@@ -206,7 +209,6 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
     # 3. plans
     if not opts.onnx_only:
         assert trt_mod is not None and trt_version is not None and flavour is not None
-        import polygraphy
 
         machine = gpu_name if flavour == "tensorrt" else "cc" + "-".join(f"{a}{b}" for a, b in targets or ())
         # TensorRT-RTX times no tactics ahead of time (it compiles for the GPU at load): no timing cache

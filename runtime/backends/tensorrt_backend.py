@@ -375,11 +375,11 @@ class Engine:
         (``CaptureUnsupported`` while the stream is capturing a CUDA graph). On torch's legacy default
         stream (handle 0, where TensorRT adds device synchronisations) the work runs on the activation
         memory's own stream, ordered between the current stream's work by events (no host wait)."""
-        side = self.memory.stream_for(stream) if self.memory is not None else None
+        mem = self.memory
+        side = mem.stream_for(stream) if mem is not None else None
         if side is not None:
-            current = torch.cuda.current_stream(self.memory.device)
-            own = self.memory._side
-            assert own is not None
+            assert mem is not None and mem._side is not None
+            current, own = torch.cuda.current_stream(mem.device), mem._side
             own.wait_stream(current)
             ok = self.contexts[key].execute_async_v3(side)
             current.wait_stream(own)
