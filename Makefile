@@ -11,8 +11,12 @@ install:
 test:
 	$(PYTHON) -m pytest -q tests
 
+# TensorRT engines (the flavour: the profile's backends.tensorrt, or TRT=tensorrt|tensorrt_rtx; TensorRT-RTX
+# builds without a GPU for SM=8.0,8.6,8.9,12.0 by default). A synthetic tiny set is written if missing.
+TRT ?=
+SM ?=
 engines:
-	$(PYTHON) -m sdvg_export build --profile $(PROFILE)
+	$(PYTHON) -m sdvg_export build --profile $(PROFILE) $(if $(TRT),--tensorrt $(TRT)) $(if $(SM),--compute-capability $(SM))
 
 onnx:
 	$(PYTHON) -m sdvg_export build --profile $(PROFILE) --onnx-only

@@ -1,4 +1,4 @@
-"""``python -m sdvg_export build --profile P [--parts ...] [--force] [--opt-level N] [--timing-cache PATH]``.
+"""``python -m sdvg_export build --profile P [--parts ...] [--force] [--tensorrt FLAVOUR] [--compute-capability CCS] ...``.
 
 What ``make engines PROFILE=...`` runs. Errors are printed as one message (no traceback) and map to
 the sdvg-rt exit codes (``SdvgError.exit_code``).
@@ -15,7 +15,7 @@ from sdvg_rt.errors import SdvgError
 def main(argv: list[str] | None = None) -> int:
     from sdvg_rt import io_spec
 
-    from .build import DEFAULT_ENGINES_DIR, BuildOptions, build, parse_parts
+    from .build import DEFAULT_ENGINES_DIR, BuildOptions, build, parse_compute_capabilities, parse_parts
 
     ap = argparse.ArgumentParser(prog="python -m sdvg_export", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -33,13 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--engines-dir", type=Path, default=DEFAULT_ENGINES_DIR,
                    help=f"root of the engine folders (default {DEFAULT_ENGINES_DIR})")
     b.add_argument("--device", default=None, help="device for the ONNX export (default: cuda if available)")
+    b.add_argument("--tensorrt", default=None, choices=("auto", "tensorrt", "tensorrt_rtx"),
+                   help="TensorRT flavour (default: the profile's backends.tensorrt; auto: what is installed and "
+                        "runs on this GPU, TensorRT-RTX without a GPU)")
+    b.add_argument("--compute-capability", default=None, metavar="8.6,8.9,...",
+                   help="TensorRT-RTX: compute capabilities to build for, without needing a GPU "
+                        "(default: 8.0,8.6,8.9,12.0, TensorRT-RTX's portable set)")
+    b.add_argument("--random-weights", action="store_true",
+                   help="export from the synthetic-weight rule's random weights at the profile's size instead of "
+                        "the checkpoints (build tests of full-size graphs; the engines compute noise)")
     args = ap.parse_args(argv)
     try:
         opts = BuildOptions(
             parts=parse_parts(args.parts), force=args.force, onnx_only=args.onnx_only, opt_level=args.opt_level,
             timing_cache=args.timing_cache,
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
-            engines_dir=args.engines_dir, device=args.device)
+            engines_dir=args.engines_dir, device=args.device, flavour=args.tensorrt,
+            compute_capabilities=parse_compute_capabilities(args.compute_capability),
+            random_weights=args.random_weights)
         report = build(args.profile, opts)
     except SdvgError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ on fp32 exports of the same graph modules (tests/test_export_onnx.py); bf16 grap
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import warnings
@@ -360,17 +361,20 @@ def _eager():
 
 @contextlib.contextmanager
 def _symbolics():
-    """TorchScript symbolics for the two ops its exporter lacks, registered only while exporting."""
+    """TorchScript symbolics registered only while exporting: the two ops its exporter lacks, and
+    attention with its scale as a constant (``_sdpa_symbolic``)."""
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
 
-    names = {"aten::_upsample_nearest_exact2d": _nearest_exact_symbolic, "aten::copy": _copy_symbolic}
-    for n, fn in names.items():
-        register_custom_op_symbolic(n, fn, 9)
+    # name -> (symbolic, opset it is registered from: at least the built-in one it replaces)
+    names = {"aten::_upsample_nearest_exact2d": (_nearest_exact_symbolic, 9), "aten::copy": (_copy_symbolic, 9),
+             "aten::scaled_dot_product_attention": (_sdpa_symbolic, 14)}
+    for n, (fn, opset) in names.items():
+        register_custom_op_symbolic(n, fn, opset)
     try:
         yield
     finally:
-        for n in names:
-            unregister_custom_op_symbolic(n, 9)
+        for n, (_, opset) in names.items():
+            unregister_custom_op_symbolic(n, opset)
 
 
 def _nearest_exact_symbolic(g, input, output_size, *args):
@@ -384,8 +388,38 @@ def _nearest_exact_symbolic(g, input, output_size, *args):
     sf = sh._maybe_get_const(scale_factors, "fs")
     roi = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
     scales = g.op("Constant", value_t=torch.tensor([1.0, 1.0, *sf], dtype=torch.float32))
-    return g.op("Resize", input, roi, scales, coordinate_transformation_mode_s="half_pixel",
-                mode_s="nearest", nearest_mode_s="round_prefer_ceil")
+    # TensorRT does not run Resize in bf16/fp16 (NVIDIA's demoDiffusion casts around it): resize in fp32,
+    # exact for nearest-neighbour whatever the dtype
+    low = input.type().scalarType() in ("BFloat16", "Half")
+    x = g.op("Cast", input, to_i=sh._type_utils.JitScalarType.FLOAT.onnx_type()) if low else input
+    y = g.op("Resize", x, roi, scales, coordinate_transformation_mode_s="half_pixel",
+             mode_s="nearest", nearest_mode_s="round_prefer_ceil")
+    return g.op("Cast", y, to_i=sh._type_utils.JitScalarType.from_value(input).onnx_type()) if low else y
+
+
+def _sdpa_symbolic(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """Unmasked attention as ``MatMul(Q * c, K^T) -> Softmax -> MatMul(., V)`` with ``c = 1/sqrt(D)`` a
+    constant of Q's dtype (one rounding of the exact value). torch's own symbolic works the scale out
+    from ``Shape(Q)`` in Q's dtype and multiplies Q and K by its square root: in bf16 the logits come
+    out about 0.3 % low. Q scaled alone is one of the patterns TensorRT fuses into one attention kernel."""
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset14
+
+    sizes = sh._get_tensor_sizes(query)
+    d = sizes[-1] if sizes else None
+    plain = (sh._is_none(attn_mask) and not sh._maybe_get_const(is_causal, "b")
+             and float(sh._maybe_get_const(dropout_p, "f")) == 0.0 and sh._is_none(scale) and isinstance(d, int))
+    if not plain:
+        return symbolic_opset14.scaled_dot_product_attention(g, query, key, value, attn_mask, dropout_p,
+                                                             is_causal, scale, enable_gqa)
+    dtype = sh._type_utils.JitScalarType.from_value(query).dtype()
+    c = g.op("Constant", value_t=torch.tensor(1.0 / math.sqrt(d), dtype=torch.float64).to(dtype))
+    rank = sh._get_tensor_rank(key)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    logits = g.op("MatMul", g.op("Mul", query, c), g.op("Transpose", key, perm_i=perm))
+    return g.op("MatMul", g.op("Softmax", logits, axis_i=-1), value)
 
 
 def _copy_symbolic(g, self, src, non_blocking):
@@ -521,6 +555,12 @@ def check_onnx(path: Path, io: EngineIO | None = None) -> None:
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    control = [f"{n.op_type} {n.name}" for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")]
+    if control:  # TensorRT needs equal-rank If branches; none of these graphs should branch at all
+        raise RuntimeError(f"{path}: control flow left in the graph (a shape-dependent op such as squeeze(dim) "
+                           f"traced into an If): {control[:5]}")
+    del model
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".infer-") as tmp:
         out = Path(tmp) / "inferred.onnx"
         onnx.shape_inference.infer_shapes_path(str(path), str(out), check_type=True, strict_mode=True)

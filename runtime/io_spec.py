@@ -195,15 +195,23 @@ class Geometry:
 # --------------------------------------------------------------------------------------------------
 # Per part
 
+def past_axes(geo: Geometry, cache) -> tuple[Axis, Axis]:
+    """``P_head`` / ``P_tail`` ranges: min and max over the blocks of a video (so the profile, and the
+    activation memory TensorRT sizes from its max, covers only lengths some block reaches: with a window
+    covering the video ``P_tail`` is always 0), opt at the median block."""
+    segs = [geo.dit_segments(cache, b) for b in range(geo.num_blocks)]
+    mid = segs[geo.num_blocks // 2]
+    return tuple(Axis(k, min(s[k] for s in segs), mid[k], max(s[k] for s in segs))  # type: ignore[return-value]
+                 for k in ("P_head", "P_tail"))
+
+
 def dit_step_io(part: str, cfg, geo: Geometry, dtype: str) -> EngineIO:
     """One block forward of a DiT (drafter or target) with the zero-copy KV contract (module doc)."""
     dt = _dtype_name(dtype)
     L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
     F, h, w, n = geo.frames_per_block, geo.latent_height, geo.latent_width, geo.tokens_per_block
     cache = geo.kv_cache(cfg)
-    past_max = cache.capacity - n
-    mid = geo.dit_segments(cache, geo.num_blocks // 2)  # the median block of a video: the opt shape
-    axes = (Axis("P_head", 0, mid["P_head"], past_max), Axis("P_tail", 0, mid["P_tail"], past_max))
+    axes = past_axes(geo, cache)
     inputs = [
         TensorSpec("x", dt, (1, cfg.in_dim, F, h, w)),
         TensorSpec("t", "float32", (F,)),

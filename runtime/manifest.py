@@ -27,7 +27,7 @@ from .errors import EngineMismatchError
 from .video import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TensorRT flavour, target compute capabilities, file records (mtime) of ONNX/plan
 HASH_CACHE_NAME = ".sha256-cache.json"
 
 
@@ -110,15 +110,19 @@ class PlanRecord:
     sha256: str
     tensorrt_version: str
     polygraphy_version: str
-    gpu_name: str
-    compute_capability: tuple[int, int]
+    gpu_name: str | None               # the GPU it was built on (None: TensorRT-RTX ahead of time, no GPU)
+    compute_capability: tuple[int, int] | None  # that GPU's
     build: dict                        # builder settings: opt level, workspace, timing cache, typing
     built: str                         # ISO time
+    flavour: str = "tensorrt"          # tensorrt | tensorrt_rtx
+    targets: tuple[tuple[int, int], ...] = ()  # compute capabilities the plan runs on (TensorRT-RTX)
+    mtime_ns: int = 0
 
     @staticmethod
     def from_json(d: Mapping) -> PlanRecord:
         d = dict(d)
-        d["compute_capability"] = tuple(d["compute_capability"])
+        d["compute_capability"] = tuple(d["compute_capability"]) if d.get("compute_capability") else None
+        d["targets"] = tuple(tuple(c) for c in d.get("targets", ()))
         return PlanRecord(**d)
 
 
@@ -140,11 +144,13 @@ class EngineRecord:
     checkpoints: dict[str, FileRecord] = field(default_factory=dict)
     exported: str = ""
     plan: PlanRecord | None = None
+    onnx_files: dict[str, FileRecord] = field(default_factory=dict)  # the graph and its external data
 
     @staticmethod
     def from_json(d: Mapping) -> EngineRecord:
         d = dict(d)
         d["checkpoints"] = {k: FileRecord(**v) for k, v in d.get("checkpoints", {}).items()}
+        d["onnx_files"] = {k: FileRecord(**v) for k, v in d.get("onnx_files", {}).items()}
         d["plan"] = PlanRecord.from_json(d["plan"]) if d.get("plan") else None
         return EngineRecord(**d)
 
@@ -214,6 +220,8 @@ class Expected:
     ``part_hashes`` / ``io_hashes``: engine name -> hash; ``checkpoints``: engine name -> {role: path}.
     ``tensorrt_version`` / ``compute_capability`` None: plans are not checked (``--onnx-only``).
     ``build``: only compared when set (the builder asks for settings; the runtime accepts any).
+    ``flavour``: tensorrt | tensorrt_rtx; ``targets``: the compute capabilities a TensorRT-RTX build is
+    asked for (None at run time, where ``compute_capability`` is the GPU's and must be among the plan's).
     """
 
     part_hashes: Mapping[str, str]
@@ -223,6 +231,29 @@ class Expected:
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
     build: Mapping[str, Any] | None = None
+    flavour: str | None = None
+    targets: tuple[tuple[int, int], ...] | None = None
+
+
+def onnx_files(onnx: Path) -> list[Path]:
+    """The files of an exported graph: ``<engine>.onnx`` and, for a graph over 2 GB, its external data."""
+    data = onnx.with_name(onnx.name + ".data")
+    return [onnx] + ([data] if data.is_file() else [])
+
+
+def file_changed(path: Path, old: FileRecord, hashes: HashCache) -> str | None:
+    """Why ``path`` is not the file ``old`` recorded (missing, other size, other sha256 after an mtime
+    change), or None. The sha256 is only recomputed when size or mtime moved."""
+    if not path.is_file():
+        return f"{path} is missing"
+    st = path.stat()
+    if st.st_size != old.size:
+        return f"{path} has {st.st_size} bytes, the manifest says {old.size} (interrupted build or replaced file)"
+    hashes.seed(old)
+    now = hashes.record(path)
+    if now.sha256 != old.sha256:
+        return f"{path} changed (sha256 {old.sha256[:12]} -> {now.sha256[:12]})"
+    return None
 
 
 def onnx_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name: str, exp: Expected,
@@ -239,10 +270,23 @@ def onnx_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name
     if want_io is not None and rec.io_hash != want_io:
         reasons.append(f"I/O shapes changed (io hash {rec.io_hash[:12]} -> {want_io[:12]})")
     onnx = Path(folder) / rec.onnx
-    if not onnx.is_file():
-        reasons.append(f"ONNX file {onnx} is missing")
-    elif onnx.stat().st_size != rec.onnx_size:
-        reasons.append(f"ONNX file {onnx} has {onnx.stat().st_size} bytes, the manifest says {rec.onnx_size}")
+    recorded = rec.onnx_files or {onnx.name: FileRecord(str(onnx.resolve()), rec.onnx_size, -1, rec.onnx_sha256)}
+    for fname, old in recorded.items():
+        why = file_changed(onnx.with_name(fname), old, hashes)
+        if why:
+            reasons.append(f"ONNX file {why}")
+    for f in onnx_files(onnx):
+        if f.name not in recorded:
+            reasons.append(f"ONNX file {f} is not in the manifest (exported by something else)")
+    reasons += checkpoint_reasons(rec, name, exp, hashes)
+    return reasons
+
+
+def checkpoint_reasons(rec: EngineRecord, name: str, exp: Expected, hashes: HashCache,
+                       missing_ok: bool = False) -> list[str]:
+    """Checkpoints that changed since ``rec`` was exported (``missing_ok``: a plans-only deployment
+    without them is fine)."""
+    reasons = []
     want_ck = {k: str(Path(v).resolve()) for k, v in exp.checkpoints.get(name, {}).items()}
     if set(want_ck) != set(rec.checkpoints):
         reasons.append(f"checkpoint files changed ({sorted(rec.checkpoints)} -> {sorted(want_ck)})")
@@ -251,7 +295,8 @@ def onnx_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name
         if old is None:
             continue
         if not Path(path).is_file():
-            reasons.append(f"{role} checkpoint {path} does not exist")
+            if not missing_ok:
+                reasons.append(f"{role} checkpoint {path} does not exist")
             continue
         hashes.seed(old)
         now = hashes.record(path)
@@ -262,19 +307,43 @@ def onnx_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name
 
 
 def plan_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name: str, exp: Expected,
-                       hashes: HashCache) -> list[str]:
+                       hashes: HashCache, plans_only: bool = False) -> list[str]:
     """Why the plan of engine ``name`` must be built again: its ONNX is stale, it was never built,
-    or it was built for another TensorRT version, GPU or (when asked) other builder settings."""
-    reasons = onnx_stale_reasons(folder, rec, name, exp, hashes)
+    or it was built by another TensorRT flavour or version, for another GPU (TensorRT: the same GPU
+    model; TensorRT-RTX: a target list holding this GPU's compute capability) or (when asked) with
+    other builder settings.
+
+    ``plans_only`` (the runtime): the ONNX graphs need not be there and checkpoints only count where they
+    exist; the profile's hashes, the plan file (size, sha256) and the TensorRT/GPU checks still hold.
+    """
     if rec is None:
-        return reasons
+        return [f"{name} was never built for this profile"]
+    if plans_only:
+        reasons = []
+        if (want := exp.part_hashes.get(name)) is not None and rec.part_hash != want:
+            reasons.append(f"the profile changed for this engine (hash {rec.part_hash[:12]} -> {want[:12]})")
+        if (want := exp.io_hashes.get(name)) is not None and rec.io_hash != want:
+            reasons.append(f"I/O shapes changed (io hash {rec.io_hash[:12]} -> {want[:12]})")
+        reasons += checkpoint_reasons(rec, name, exp, hashes, missing_ok=True)
+    else:
+        reasons = onnx_stale_reasons(folder, rec, name, exp, hashes)
     p = rec.plan
     if p is None:
         return reasons + [f"{name} has no TensorRT plan yet (exported with --onnx-only?)"]
-    if exp.tensorrt_version is not None and p.tensorrt_version != exp.tensorrt_version:
-        reasons.append(f"TensorRT version changed (built with {p.tensorrt_version}, installed "
+    if exp.flavour is not None and p.flavour != exp.flavour:
+        reasons.append(f"TensorRT flavour changed (built with {p.flavour}, this run uses {exp.flavour})")
+    elif exp.tensorrt_version is not None and p.tensorrt_version != exp.tensorrt_version:
+        label = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}.get(p.flavour, p.flavour)
+        reasons.append(f"{label} version changed (built with {p.tensorrt_version}, installed "
                        f"{exp.tensorrt_version})")
-    if exp.compute_capability is not None and tuple(p.compute_capability) != tuple(exp.compute_capability):
+    if p.flavour == "tensorrt_rtx":
+        if exp.targets is not None and tuple(p.targets) != tuple(exp.targets):
+            reasons.append(f"target compute capabilities changed ({_ccs(p.targets)} -> {_ccs(exp.targets)})")
+        if exp.compute_capability is not None and tuple(exp.compute_capability) not in tuple(p.targets):
+            reasons.append(f"built for compute capabilities {_ccs(p.targets)}; this GPU ({exp.gpu_name}) is "
+                           f"{_cc(exp.compute_capability)}")
+    elif exp.compute_capability is not None and (p.compute_capability is None
+                                                 or tuple(p.compute_capability) != tuple(exp.compute_capability)):
         reasons.append(f"GPU changed (built on {p.gpu_name}, compute capability {_cc(p.compute_capability)}; "
                        f"this GPU is {exp.gpu_name}, {_cc(exp.compute_capability)})")
     elif exp.gpu_name is not None and p.gpu_name != exp.gpu_name:
@@ -284,22 +353,21 @@ def plan_stale_reasons(folder: str | os.PathLike, rec: EngineRecord | None, name
             if p.build.get(k) != v:
                 reasons.append(f"build setting {k} changed ({p.build.get(k)!r} -> {v!r})")
     plan = Path(folder) / p.file
-    if not plan.is_file():
-        reasons.append(f"plan file {plan} is missing")
-    elif plan.stat().st_size != p.size:
-        reasons.append(f"plan file {plan} has {plan.stat().st_size} bytes, the manifest says {p.size} "
-                       "(interrupted build or replaced file)")
+    why = file_changed(plan, FileRecord(str(plan.resolve()), p.size, p.mtime_ns, p.sha256), hashes)
+    if why:
+        reasons.append(f"plan file {why}")
     return reasons
 
 
 def check_engines(folder: str | os.PathLike, names: Iterable[str], exp: Expected, rebuild: str,
-                  hashes: HashCache | None = None) -> Manifest:
-    """Raise ``EngineMismatchError`` listing every stale plan of ``names`` and the rebuild command."""
+                  hashes: HashCache | None = None, plans_only: bool = True) -> Manifest:
+    """Raise ``EngineMismatchError`` listing every stale plan of ``names`` and the rebuild command
+    (``plans_only``, the runtime's check: see ``plan_stale_reasons``)."""
     manifest = read_manifest(folder, rebuild)
     own = hashes is None
     hashes = HashCache(Path(folder) / HASH_CACHE_NAME) if own else hashes
     problems = {n: r for n in names
-                if (r := plan_stale_reasons(folder, manifest.engines.get(n), n, exp, hashes))}
+                if (r := plan_stale_reasons(folder, manifest.engines.get(n), n, exp, hashes, plans_only))}
     if own and hashes.hashed:  # a checkpoint re-hashed after an mtime change: once, not at every start
         try:
             hashes.save()
@@ -321,6 +389,10 @@ def rebuild_command(profile_path: str | os.PathLike | None, parts: Iterable[str]
     if parts:
         cmd += " --parts " + ",".join(parts)
     return cmd
+
+
+def _ccs(ccs) -> str:
+    return ", ".join(_cc(c) for c in ccs) or "none"
 
 
 def _cc(cc) -> str:

@@ -20,6 +20,7 @@ from .errors import ProfileError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("torch", "tensorrt")
+TRT_FLAVOURS = ("auto", "tensorrt", "tensorrt_rtx")  # auto: what is installed and runs on this GPU
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")  # models.attention.NAMES
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
@@ -91,6 +92,7 @@ class Backends:
     target: str = "torch"
     vae: str = "torch"
     scorer: str = "torch"
+    tensorrt: str = "auto"  # TensorRT flavour for the tensorrt components: auto | tensorrt | tensorrt_rtx
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,8 @@ def validate(p: Profile) -> None:
         b = getattr(p.backends, comp)
         if b not in BACKENDS:
             bad(f"backends.{comp}", f"must be one of {', '.join(BACKENDS)}, got {b!r}")
+    if p.backends.tensorrt not in TRT_FLAVOURS:
+        bad("backends.tensorrt", f"must be one of {', '.join(TRT_FLAVOURS)}, got {p.backends.tensorrt!r}")
     if p.performance.attention not in ATTENTION_BACKENDS:
         bad("performance.attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {p.performance.attention!r}")
     sm = p.sampling

@@ -248,8 +248,8 @@ def test_onnx_only_build_is_incremental_and_bf16(tmp_path, capsys):
     assert man2["engines"]["scorer"] == man["engines"]["scorer"]
     assert man2["engines"]["drafter.step"]["onnx_sha256"] != rec["onnx_sha256"]
 
-    # without --onnx-only a machine without TensorRT gets one clear message, exit code 4, no traceback
-    assert export_main(args[:-3] + ["--engines-dir", str(eng)]) == 4
+    # without --onnx-only a machine without TensorRT 10/11 gets one clear message, exit code 4, no traceback
+    assert export_main(args[:-3] + ["--engines-dir", str(eng), "--tensorrt", "tensorrt"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--onnx-only" in err and "Traceback" not in err
 
@@ -288,12 +288,16 @@ def test_plan_builds_use_polygraphy_strongly_typed_and_rebuild_only_stale_plans(
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo probes find_spec
     trt.__version__, trt.Builder, trt.IProgressMonitor = "10.13.0", object, Monitor
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="LAYER_NAMES_ONLY", DETAILED="DETAILED")
     trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION")
     trt.DataType = types.SimpleNamespace(FLOAT="FLOAT")
     trt.INormalizationLayer = Layer
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(B, "gpu_info", lambda device: ("Fake GPU", (9, 0)))
     calls = []
+    from sdvg_export import trt_check
+
+    monkeypatch.setattr(trt_check, "check_network", lambda net, io, path="": calls.append(("check", io.name)))
 
     def parse(path, strongly_typed=False):
         net = Network()
@@ -312,12 +316,15 @@ def test_plan_builds_use_polygraphy_strongly_typed_and_rebuild_only_stale_plans(
     monkeypatch.setattr(ptrt, "CreateConfig", create_config)
     monkeypatch.setattr(ptrt, "engine_bytes_from_network", build_bytes)
     prof = _profile(tmp_path)
-    opts = B.BuildOptions(parts=("drafter",), engines_dir=tmp_path / "engines", device="cpu", opt_level=2)
+    opts = B.BuildOptions(parts=("drafter",), engines_dir=tmp_path / "engines", device="cpu", opt_level=2,
+                          flavour="tensorrt")
     report = B.build(prof, opts, progress=lambda s: None)
     assert sorted(report.exported) == sorted(report.built) == ["drafter.context", "drafter.step"]
     parses = [c for c in calls if c[0] == "parse"]
     assert all(c[2] is True for c in parses)  # strongly typed, no precision flags anywhere
-    assert all([ly.compute_precision for ly in c[3].layers] == ["FLOAT", None, "FLOAT"] for c in parses)
+    # no layer precision is set (TensorRT 11 has no compute_precision; 10.x rejects it when strongly typed)
+    assert all([ly.compute_precision for ly in c[3].layers] == [None, None, None] for c in parses)
+    assert sorted(c[1] for c in calls if c[0] == "check") == ["drafter.context", "drafter.step"]
     cfg = [c[1] for c in calls if c[0] == "config"]
     step_cfg = next(c for c in cfg if "k_head.0" in repr(c["profiles"][0]))
     io = io_spec.engine_ios(load_profile(prof), ["drafter"])["drafter.step"]
@@ -326,11 +333,13 @@ def test_plan_builds_use_polygraphy_strongly_typed_and_rebuild_only_stale_plans(
     assert (tuple(got.min), tuple(got.opt), tuple(got.max)) == (lo, opt, hi) and lo[0] == 0 < hi[0]
     assert set(step_cfg["profiles"][0]) == set(io.profile())  # every dynamic input, nothing else
     assert step_cfg["builder_optimization_level"] == 2 and step_cfg["memory_pool_limits"] is None
+    assert step_cfg["profiling_verbosity"] == "LAYER_NAMES_ONLY"  # not polygraphy's DETAILED
     folder = tmp_path / "engines" / "t"
     assert (folder / "drafter.step.plan").read_bytes() == b"plan"
     rec = json.loads((folder / "manifest.json").read_text())["engines"]["drafter.step"]["plan"]
     assert (rec["tensorrt_version"], rec["gpu_name"], rec["compute_capability"]) == ("10.13.0", "Fake GPU", [9, 0])
     assert rec["build"]["opt_level"] == 2 and rec["build"]["strongly_typed"] is True
+    assert rec["flavour"] == "tensorrt" and rec["targets"] == [[9, 0]]
 
     calls.clear()
     assert B.build(prof, opts, progress=lambda s: None).built == [] and calls == []  # all up to date
@@ -343,6 +352,6 @@ def test_plan_builds_use_polygraphy_strongly_typed_and_rebuild_only_stale_plans(
         raise RuntimeError("Invalid Engine. Please ensure the engine was built correctly")
 
     monkeypatch.setattr(ptrt, "engine_bytes_from_network", oom)
-    with pytest.raises(OutOfMemoryError, match=r"(?s)out of GPU memory while building drafter\.\w+.*--parts drafter"):
+    with pytest.raises(OutOfMemoryError, match=r"(?s)out of memory while building drafter\.\w+.*--parts drafter"):
         B.build(prof, B.BuildOptions(parts=("drafter",), engines_dir=tmp_path / "engines", device="cpu",
-                                     opt_level=2, force=True), progress=lambda s: None)
+                                     opt_level=2, force=True, flavour="tensorrt"), progress=lambda s: None)

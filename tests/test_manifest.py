@@ -108,11 +108,13 @@ def _record(folder, name="drafter.step", ckpt=None, hashes=None, plan=True, **ov
         (folder / f"{name}.plan").write_bytes(b"plan-bytes")
         p = PlanRecord(file=f"{name}.plan", size=10, sha256=sha256_file(folder / f"{name}.plan"),
                        tensorrt_version="10.13.0", polygraphy_version="0.49.22", gpu_name="NVIDIA H100 80GB HBM3",
-                       compute_capability=(9, 0), build={"opt_level": 3}, built="now")
+                       compute_capability=(9, 0), build={"opt_level": 3}, built="now",
+                       mtime_ns=(folder / f"{name}.plan").stat().st_mtime_ns)
     rec = EngineRecord(name=name, part=name.split(".")[0], part_hash="ph", io={}, io_hash="ih",
-                       onnx=str(onnx.relative_to(folder)), onnx_size=onnx.stat().st_size, onnx_sha256="x", opset=22,
-                       exporter="torchscript", dtype="bfloat16",
-                       checkpoints={"drafter": hashes.record(ckpt)} if ckpt else {}, plan=p)
+                       onnx=str(onnx.relative_to(folder)), onnx_size=onnx.stat().st_size,
+                       onnx_sha256=sha256_file(onnx), opset=22, exporter="torchscript", dtype="bfloat16",
+                       checkpoints={"drafter": hashes.record(ckpt)} if ckpt else {}, plan=p,
+                       onnx_files={onnx.name: hashes.record(onnx)})
     return dataclasses.replace(rec, **over)
 
 
@@ -214,3 +216,80 @@ def test_check_engines_keeps_its_hash_cache(tmp_path):
     fresh = HashCache(tmp_path / HASH_CACHE_NAME)
     assert plan_stale_reasons(tmp_path, rec, "drafter.step", _expected(ckpt), fresh) == []
     assert fresh.hashed == []  # the new mtime's hash came from the saved cache
+
+
+def test_onnx_staleness_compares_content_and_external_data(tmp_path):
+    """Same size, new content (the mtime moved) is stale; so is a ``.onnx.data`` the manifest does not know,
+    or a recorded one that changed."""
+    ckpt = tmp_path / "dit.pt"
+    ckpt.write_bytes(b"w")
+    hashes = HashCache()
+    rec = _record(tmp_path, ckpt=ckpt, hashes=hashes)
+    exp = _expected(ckpt)
+    onnx = tmp_path / rec.onnx
+    st = os.stat(onnx)
+    onnx.write_bytes(b"ONNX-" + b"drafter.step")  # same size
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert "changed (sha256" in " ".join(onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes))
+    onnx.write_bytes(b"onnx-drafter.step")
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes) == []
+    data = onnx.with_name(onnx.name + ".data")
+    data.write_bytes(b"weights")
+    assert "not in the manifest" in " ".join(onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes))
+    rec = dataclasses.replace(rec, onnx_files={**rec.onnx_files, data.name: hashes.record(data)})
+    assert onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes) == []
+    data.write_bytes(b"weightz")
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 3 * 10**9))
+    assert "drafter.step.onnx.data changed" in " ".join(onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes))
+    data.unlink()
+    assert "is missing" in " ".join(onnx_stale_reasons(tmp_path, rec, "drafter.step", exp, hashes))
+
+
+def test_runtime_check_needs_only_the_plans(tmp_path):
+    """A plans-only deployment (no ONNX, no checkpoints) passes the runtime's check; a replaced plan of the
+    same size does not; the builder's view still wants the ONNX."""
+    ckpt = tmp_path / "dit.pt"
+    ckpt.write_bytes(b"w")
+    hashes = HashCache()
+    rec = _record(tmp_path, ckpt=ckpt, hashes=hashes)
+    cmd = rebuild_command("p.yaml")
+    write_manifest(tmp_path, Manifest(profile_name="p", profile_path="p.yaml", profile_hash="h",
+                                      engines={"drafter.step": rec}, sdvg_rt_version="0.1.0", updated="now"))
+    (tmp_path / rec.onnx).unlink()
+    ckpt.unlink()
+    assert check_engines(tmp_path, ["drafter.step"], _expected(ckpt), cmd, HashCache())
+    assert "is missing" in " ".join(plan_stale_reasons(tmp_path, rec, "drafter.step", _expected(ckpt), HashCache()))
+    plan = tmp_path / "drafter.step.plan"
+    st = os.stat(plan)
+    plan.write_bytes(b"PLAN-bytes")  # same size, other content
+    os.utime(plan, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(EngineMismatchError, match="plan file .* changed"):
+        check_engines(tmp_path, ["drafter.step"], _expected(ckpt), cmd, HashCache())
+
+
+def test_tensorrt_rtx_plans_are_checked_by_flavour_and_target_list(tmp_path):
+    ckpt = tmp_path / "dit.pt"
+    ckpt.write_bytes(b"w")
+    hashes = HashCache()
+    rec = _record(tmp_path, ckpt=ckpt, hashes=hashes)
+    rtx = dataclasses.replace(rec, plan=dataclasses.replace(
+        rec.plan, flavour="tensorrt_rtx", tensorrt_version="1.7.1.116", gpu_name=None, compute_capability=None,
+        targets=((8, 0), (8, 6), (8, 9), (12, 0))))
+
+    def why(r, **over):
+        return " | ".join(plan_stale_reasons(tmp_path, r, "drafter.step", _expected(ckpt, **over), hashes))
+
+    # the builder's view (no GPU): flavour, version and target list
+    build = dict(tensorrt_version="1.7.1.116", gpu_name=None, compute_capability=None, flavour="tensorrt_rtx")
+    assert why(rtx, targets=((8, 0), (8, 6), (8, 9), (12, 0)), **build) == ""
+    assert "target compute capabilities changed (8.0, 8.6, 8.9, 12.0 -> 8.9)" in why(rtx, targets=((8, 9),), **build)
+    assert "TensorRT flavour changed (built with tensorrt, this run uses tensorrt_rtx)" in why(rec, **build)
+    # the runtime's view: this GPU's compute capability must be a target
+    run = dict(tensorrt_version="1.7.1.116", flavour="tensorrt_rtx")
+    assert why(rtx, gpu_name="NVIDIA GeForce RTX 4090", compute_capability=(8, 9), **run) == ""
+    assert "this GPU (NVIDIA H200) is 9.0" in why(rtx, gpu_name="NVIDIA H200", compute_capability=(9, 0), **run)
+    m = Manifest(profile_name="p", profile_path="p.yaml", profile_hash="h", engines={"drafter.step": rtx},
+                 sdvg_rt_version="0.1.0", updated="now")
+    write_manifest(tmp_path, m)
+    assert read_manifest(tmp_path, "") == m  # targets survive the JSON round trip as tuples

@@ -236,16 +236,26 @@ def test_denoiser_binds_the_cache_slots_by_address(denoisers):
     for b in range(geo.num_blocks):
         s = trt_d.cache.slots(b)
         ws, re = s.write_start, s.read_end
-        addr = trt_d.step.engine.addresses[b]
-        ctx = trt_d.step.engine.contexts[b]
-        empty = trt_d.step.memory.ptr  # an empty segment is bound to a valid non-null address, never read
+        eng = trt_d.step.engine
+        addr = eng.addresses[b]
+        ctx = eng.contexts[b]
+        # an empty segment gets a valid address of its own (distinct, non-null, aligned), outside
+        # TensorRT's activation memory
+        order = {name: k for k, name in enumerate([*eng.inputs, *eng.outputs])}
+        empties = []
         for i in range(trt_d.cfg.num_layers):
             for j, a in enumerate("kv"):
-                assert addr[f"{a}_head.{i}"] == (kv[i, j].data_ptr() if ws else empty)
+                head, tail = f"{a}_head.{i}", f"{a}_tail.{i}"
+                assert addr[head] == (kv[i, j].data_ptr() if ws else trt_d.step.memory.empty_address(order[head]))
                 assert addr[f"{a}_new.{i}"] == kv[i, j, ws].data_ptr()
-                assert addr[f"{a}_tail.{i}"] == (kv[i, j, ws + n].data_ptr() if re > ws + n else empty)
+                assert addr[tail] == (kv[i, j, ws + n].data_ptr() if re > ws + n
+                                      else trt_d.step.memory.empty_address(order[tail]))
+                empties += [addr[k] for k, on in ((head, not ws), (tail, re == ws + n)) if on]
                 assert ctx.shapes[f"{a}_head.{i}"][0] == ws
                 assert ctx.shapes[f"{a}_tail.{i}"][0] == re - ws - n
+        assert len(set(empties)) == len(empties) and all(p and p % tb.ALIGNMENT == 0 for p in empties)
+        mem = trt_d.step.memory
+        assert not any(mem.ptr <= p < mem.ptr + mem.size for p in empties)
         saw_ring |= 0 < ws and re - ws - n > 0
         cos, _ = trt_d.step.rope[b]
         assert addr["rope_cos"] == cos.data_ptr() and addr["x"] == trt_d.x.data_ptr()
@@ -399,6 +409,9 @@ def test_graph_runner_warms_up_captures_replays_and_ends_a_failed_capture(monkey
         def wait_stream(self, other):
             pass
 
+        def synchronize(self):
+            pass
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
@@ -430,5 +443,93 @@ def test_missing_or_stub_tensorrt_is_backend_unavailable(monkeypatch):
     stub = types.ModuleType("tensorrt")  # what the type stubs give: a namespace without Builder
     stub.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt", stub)
-    with pytest.raises(BackendUnavailableError, match="finds no TensorRT library"):
+    with pytest.raises(BackendUnavailableError, match="finds no library"):
         tb.tensorrt_module()
+    old = types.ModuleType("tensorrt")
+    old.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    old.Builder, old.__version__ = object, "10.8.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(BackendUnavailableError, match=r"tensorrt 10\.8\.0 is installed; sdvg-rt needs TensorRT >= 10\.11"):
+        tb.tensorrt_module()
+    old.__version__ = "11.1.0"
+    assert tb.tensorrt_module() is old
+
+
+def test_flavour_choice_follows_what_is_installed_and_the_gpu(monkeypatch):
+    def fake(name, version):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.Builder, m.__version__ = object, version
+        return m
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", fake("tensorrt_rtx", "1.7.1.116"))
+    assert tb.choose_flavour("auto", None) == "tensorrt_rtx"  # no GPU: only TensorRT-RTX builds ahead of time
+    assert tb.choose_flavour("auto", (8, 9)) == "tensorrt_rtx"
+    with pytest.raises(BackendUnavailableError, match=r"(?s)tensorrt_rtx does not run on compute capability 9\.0.*"
+                                                      r"Hopper .* take TensorRT 10/11"):
+        tb.choose_flavour("auto", (9, 0))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake("tensorrt", "10.13.0"))
+    assert tb.choose_flavour("auto", (9, 0)) == "tensorrt"
+    assert tb.choose_flavour("auto", (8, 9)) == "tensorrt"  # both run there: TensorRT first
+    assert tb.choose_flavour("tensorrt_rtx", (8, 9)) == "tensorrt_rtx"
+    with pytest.raises(BackendUnavailableError, match="there is none"):
+        tb.choose_flavour("tensorrt", None)
+
+
+def test_capture_that_tensorrt_cannot_do_falls_back_to_eager_with_one_warning(monkeypatch):
+    events = []
+
+    class FakeGraph:
+        def capture_begin(self, pool=None):
+            events.append("begin")
+
+        def capture_end(self):
+            events.append("end")
+
+        def replay(self):
+            events.append("replay")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            events.append("sync")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("device-sync"))
+    runner = CudaGraphs(True, torch.device("cuda"))
+    capturing = []
+
+    def body():
+        events.append("body")
+        if capturing:
+            raise tb.CaptureUnsupported("not capturable")
+
+    def begin(pool=None):
+        events.append("begin")
+        capturing.append(1)
+
+    monkeypatch.setattr(FakeGraph, "capture_begin", lambda self, pool=None: begin(pool))
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        runner.run("k", body)
+    assert events == ["body", "sync", "begin", "body", "end", "device-sync"]
+    capturing.clear()
+    events.clear()
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # one warning only
+        runner.run("k", body)
+        runner.run("k", body)
+    assert events == ["body", "body"] and "k" not in runner.graphs and "k" in runner.eager
+    other = []
+    with pytest.raises(tb.EngineRunError):  # any other failure still stops the run
+        capturing.append(1)
+        runner.run("j", lambda: (other.append(1), (_ for _ in ()).throw(tb.EngineRunError("boom")))
+                   if len(other) else other.append(0))

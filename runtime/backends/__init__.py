@@ -18,13 +18,9 @@ from ..io_spec import PARTS
 
 def tensorrt_status() -> tuple[bool, str]:
     """(usable, detail) from ``tensorrt_backend.tensorrt_module`` (a bare import can succeed on a stub)."""
-    from .tensorrt_backend import tensorrt_module
+    from .tensorrt_backend import flavour_status
 
-    try:
-        trt = tensorrt_module()
-    except BackendUnavailableError as e:
-        return False, str(e)
-    return True, f"tensorrt {getattr(trt, '__version__', '?')}"
+    return flavour_status()
 
 
 def check_backend(component: str, name: str) -> None:

@@ -2,6 +2,7 @@
 the torch and TensorRT backends."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ class CudaGraphs:
     """``run(key, fn)``: the first call of a key runs ``fn`` eagerly on a side stream (this call's real
     work, and the warm-up: cuDNN/cuBLAS plans, compiled kernels, TensorRT's deferred setup on its first
     enqueue), then captures ``fn`` on the same stream; later calls replay. If ``fn`` raises during the
-    capture, the capture is ended before the error propagates and nothing is kept. Disabled (not CUDA,
+    capture, the capture is ended before the error propagates and nothing is kept; if the error says
+    the work cannot be captured (TensorRT's ``CaptureUnsupported``), the key runs eagerly from then on,
+    with one warning. Disabled (not CUDA,
     or ``performance.cuda_graphs: false``; ``enabled`` may be flipped later, as the benchmark's
     self-check does) it just calls ``fn``.
 
@@ -32,6 +35,8 @@ class CudaGraphs:
         self.enabled = bool(enabled) and (self.device.type == "cuda" or graph_factory is not None)
         self.graphs: dict[Any, Any] = {}
         self._pool = self._stream = None
+        self.eager: set = set()  # keys whose capture is not possible: run eagerly
+        self._warned = False
 
     def run(self, key, fn: Callable[[], None]) -> None:
         if not self.enabled:
@@ -40,6 +45,9 @@ class CudaGraphs:
         g = self.graphs.get(key)
         if g is not None:
             g.replay()
+            return
+        if key in self.eager:
+            fn()
             return
         if self.factory is not None:
             fn()
@@ -53,16 +61,32 @@ class CudaGraphs:
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             fn()  # warm-up, and this call's real work (the capture below does not execute)
+            self._stream.synchronize()  # the warm-up (deferred setup) done before capturing, as trtexec does
             g = torch.cuda.CUDAGraph()
             g.capture_begin(pool=self._pool)
             try:
                 fn()
-            except BaseException:
+            except BaseException as e:
                 try:
                     g.capture_end()
                 except Exception:  # noqa: BLE001 - the capture is invalid anyway; fn's error matters
                     pass
-                raise
+                if not _capture_unsupported(e):
+                    raise
+                # work that cannot be captured (TensorRT said so): this key runs eagerly from now on
+                torch.cuda.synchronize(self.device)
+                self.eager.add(key)
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"CUDA graph capture is not possible for {key!r} ({e}); running it eagerly",
+                                  RuntimeWarning, stacklevel=2)
+                current.wait_stream(self._stream)
+                return
             g.capture_end()
         current.wait_stream(self._stream)
         self.graphs[key] = g
+
+
+def _capture_unsupported(e: BaseException) -> bool:
+    """A capture that failed because the work cannot be captured (TensorRT's ``CaptureUnsupported``)."""
+    return type(e).__name__ == "CaptureUnsupported"

@@ -26,8 +26,10 @@ PyPI placeholder), raises ``BackendUnavailableError`` naming what is installed. 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,30 +58,106 @@ class EngineRunError(SdvgError):
     exit_code = 1
 
 
+class CaptureUnsupported(EngineRunError):
+    """``execute_async_v3`` returned False while its stream was capturing a CUDA graph: the engine holds
+    work that cannot be captured (trtexec's rule); ``CudaGraphs`` then runs that key eagerly."""
+
+
 # --------------------------------------------------------------------------------------------------
 # TensorRT discovery
 
-def tensorrt_module():
-    """The real ``tensorrt`` module, or ``BackendUnavailableError`` naming what is installed.
+FLAVOURS = ("tensorrt", "tensorrt_rtx")
+# Oldest version each flavour is used with: TensorRT 10.11 (set_device_memory/device_memory_size_v2 since
+# 10.1, an ONNX-1.17 parser for opset 22 since 10.6, tensors over 2^31 elements since 10.10/10.11);
+# TensorRT-RTX 1.0 (the first release).
+MIN_VERSIONS = {"tensorrt": (10, 11), "tensorrt_rtx": (1, 0)}
+PIP_EXTRAS = {"tensorrt": "sdvg-rt[trt]", "tensorrt_rtx": "sdvg-rt[trt-rtx]"}
+# TensorRT-RTX targets Ampere-and-later consumer/workstation architectures; it has no Hopper (9.x) or
+# data-centre Blackwell (10.x) code, so an H100/H200/B200 takes TensorRT 10/11.
+RTX_COMPUTE_CAPABILITIES = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+# What an RTX build targets when no --compute-capability is given (TensorRT-RTX's own portable default).
+RTX_PORTABLE = ((8, 0), (8, 6), (8, 9), (12, 0))
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+
+def tensorrt_module(flavour: str = "tensorrt"):
+    """The real module of ``flavour`` (``tensorrt`` or ``tensorrt_rtx``), or ``BackendUnavailableError``
+    naming what is installed.
 
     ``import tensorrt`` also succeeds for the type stubs (an empty namespace package) and the PyPI
-    placeholder packages, so a usable install is detected with ``hasattr(tensorrt, "Builder")``.
+    placeholder packages, so a usable install is detected with ``hasattr(module, "Builder")``; its
+    version must be at least ``MIN_VERSIONS[flavour]``.
     """
+    if flavour not in FLAVOURS:
+        raise BackendUnavailableError(f"unknown TensorRT flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
+    floor = ".".join(map(str, MIN_VERSIONS[flavour]))
+    label = {"tensorrt": f"TensorRT >= {floor}", "tensorrt_rtx": f"TensorRT-RTX >= {floor}"}[flavour]
     try:
-        import tensorrt
+        mod = importlib.import_module(flavour)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"TensorRT is not installed ({e}). Install TensorRT 10.x/11.x for your CUDA (NVIDIA's wheels or "
-            f"container), or set the component's backend to torch in the profile (or, for builds, export the "
-            f"ONNX graphs only with --onnx-only). Installed: {installed_tensorrt_packages() or 'no tensorrt package'}"
-        ) from None
-    if not hasattr(tensorrt, "Builder"):
+            f"{label} is not installed ({e}). Install it (pip install '{PIP_EXTRAS[flavour]}', or NVIDIA's "
+            f"wheels/container), or set the component's backend to torch in the profile (or, for builds, export "
+            f"the ONNX graphs only with --onnx-only). Installed: "
+            f"{installed_tensorrt_packages() or 'no tensorrt package'}") from None
+    if not hasattr(mod, "Builder"):
         raise BackendUnavailableError(
-            "`import tensorrt` finds no TensorRT library (no tensorrt.Builder), only "
+            f"`import {flavour}` finds no library (no {flavour}.Builder), only "
             f"{installed_tensorrt_packages() or 'an empty namespace package'} (type stubs or a PyPI placeholder "
-            "that could not download the real wheel). Install TensorRT 10.x/11.x with its libraries, or set the "
+            f"that could not download the real wheel). Install {label} with its libraries, or set the "
             "component's backend to torch (for builds: --onnx-only)")
-    return tensorrt
+    version = str(getattr(mod, "__version__", "0"))
+    if _version_tuple(version) < MIN_VERSIONS[flavour]:
+        raise BackendUnavailableError(f"{flavour} {version} is installed; sdvg-rt needs {label}. Upgrade it "
+                                      f"(pip install -U '{PIP_EXTRAS[flavour]}')")
+    return mod
+
+
+def flavour_runs_on(flavour: str, cc: tuple[int, int]) -> bool:
+    """Whether ``flavour``'s runtime runs on a GPU of compute capability ``cc``."""
+    if flavour == "tensorrt_rtx":
+        return tuple(cc) in RTX_COMPUTE_CAPABILITIES or tuple(cc) > (12, 1)
+    return tuple(cc) >= (7, 5)
+
+
+def choose_flavour(requested: str, cc: tuple[int, int] | None) -> str:
+    """The profile's ``backends.tensorrt`` resolved: ``auto`` is the installed flavour that runs on this GPU
+    (``cc``; None: no GPU, where only TensorRT-RTX builds ahead of time). An explicit flavour is checked
+    the same way and raises ``BackendUnavailableError`` saying which GPU takes which."""
+    candidates = FLAVOURS if requested == "auto" else (requested,)
+    errors = []
+    for fl in candidates:
+        if cc is None and fl == "tensorrt":
+            errors.append("TensorRT 10/11 builds plans for the GPU it runs on, and there is none")
+            continue
+        if cc is not None and not flavour_runs_on(fl, cc):
+            errors.append(f"{fl} does not run on compute capability {cc[0]}.{cc[1]} (TensorRT-RTX: "
+                          f"{', '.join(f'{a}.{b}' for a, b in RTX_COMPUTE_CAPABILITIES)} and later; "
+                          "Hopper and data-centre Blackwell take TensorRT 10/11)")
+            continue
+        try:
+            tensorrt_module(fl)
+        except BackendUnavailableError as e:
+            errors.append(str(e))
+            continue
+        return fl
+    raise BackendUnavailableError(f"no usable TensorRT flavour for backends.tensorrt: {requested}: "
+                                  + " | ".join(errors))
+
+
+def flavour_status() -> tuple[bool, str]:
+    """(usable, detail) over both flavours: usable if either imports as a real library of a supported
+    version; the detail names each flavour's version or why not (for ``sdvg-rt info`` and the gate)."""
+    found, why = [], []
+    for fl in FLAVOURS:
+        try:
+            found.append(f"{fl} {tensorrt_module(fl).__version__}")
+        except BackendUnavailableError as e:
+            why.append(str(e))
+    return (True, ", ".join(found)) if found else (False, " | ".join(why))
 
 
 def installed_tensorrt_packages() -> str:
@@ -109,14 +187,43 @@ class ActivationMemory:
 
     Sized as the largest ``device_memory_size_v2`` (the requirement over every profile shape) of the
     engines given; every context is created ``USER_MANAGED`` and pointed at it.
+
+    Also holds one 256-byte slot per I/O tensor of the widest engine, for empty tensors (block 0's past):
+    TensorRT wants a non-null address for them, distinct per tensor, and the activation memory is not
+    to be used for anything else (``empty_address``). And one non-default stream for enqueues made
+    from torch's legacy default stream (``stream_for``).
     """
 
     def __init__(self, engines: Iterable[Engine], device: torch.device | str):
+        engines = list(engines)
         self.size = max((e.device_memory_size for e in engines), default=0)
         raw = torch.empty(self.size + ALIGNMENT, dtype=torch.uint8, device=device)
         offset = -raw.data_ptr() % ALIGNMENT  # CUDA allocations are aligned already; CPU ones may not be
         self.buffer = raw[offset:offset + self.size]
         self.ptr = raw.data_ptr() + offset
+        self.slots = max((len(e.inputs) + len(e.outputs) for e in engines), default=0)
+        raw_empty = torch.zeros((self.slots + 1) * ALIGNMENT, dtype=torch.uint8, device=device)
+        self._empty = raw_empty
+        self._empty_ptr = raw_empty.data_ptr() + (-raw_empty.data_ptr() % ALIGNMENT)
+        self.device = torch.device(device)
+        self._side: torch.cuda.Stream | None = None
+
+    def empty_address(self, index: int) -> int:
+        """A valid, aligned address of its own for the ``index``-th I/O tensor of an engine when it is
+        empty (never read or written by TensorRT: the tensor has no elements)."""
+        if not 0 <= index < self.slots:
+            raise EngineRunError(f"no empty-tensor slot {index} (the engines have {self.slots} I/O tensors at most)")
+        return self._empty_ptr + index * ALIGNMENT
+
+    def stream_for(self, stream: int) -> int | None:
+        """None when ``stream`` can be used as is; else (the legacy default stream, handle 0, on which
+        TensorRT adds device synchronisations) the handle of this set's own stream, ordered after the
+        current one (``Engine.enqueue`` orders the current one after it again)."""
+        if stream != 0 or self.device.type != "cuda":
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side.cuda_stream
 
 
 class Engine:
@@ -124,12 +231,14 @@ class Engine:
     memory), ``activate`` (deserialize), ``bind`` (a context per key), ``enqueue``."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, *, rebuild: str = "",
-                 alignment: int | None = None):
+                 alignment: int | None = None, keep_plan: bool = False):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.rebuild = rebuild
         self.alignment = alignment  # None: ALIGNMENT for device tensors (TensorRT's rule), none on the host
+        self.keep_plan = keep_plan  # False: the plan bytes (28 GB for the 14B) are dropped once deserialized
         self.plan: bytes | None = None
+        self.memory: ActivationMemory | None = None
         self.engine: trt.ICudaEngine | None = None
         self.inputs: dict[str, torch.dtype] = {}
         self.outputs: dict[str, torch.dtype] = {}
@@ -146,14 +255,16 @@ class Engine:
             self.plan = self.path.read_bytes()
         return self
 
-    def activate(self, runtime: trt.Runtime) -> Engine:
-        import tensorrt as trt
-
+    def activate(self, runtime: trt.Runtime, trt_mod=None) -> Engine:
+        """Deserialize with ``runtime`` (of ``trt_mod``, the flavour's module; default ``tensorrt``)."""
         if self.engine is not None:
             return self
+        self.trt = trt_mod if trt_mod is not None else tensorrt_module("tensorrt")
         self.load()
         assert self.plan is not None
         engine = runtime.deserialize_cuda_engine(self.plan)
+        if not self.keep_plan:
+            self.plan = None
         if engine is None:
             raise EngineMismatchError(
                 f"TensorRT could not deserialize {self.path} (built by another TensorRT version, for another "
@@ -165,7 +276,7 @@ class Engine:
             dt = torch_dtype(engine.get_tensor_dtype(name))
             dims = engine.get_tensor_shape(name)
             self.shapes[name] = tuple(int(dims[k]) for k in range(len(dims)))
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            if engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
                 self.inputs[name] = dt
             else:
                 self.outputs[name] = dt
@@ -192,8 +303,7 @@ class Engine:
     # ---- binding and running ---------------------------------------------------------------------
     def bind(self, key, tensors: Mapping[str, torch.Tensor], memory: ActivationMemory) -> trt.IExecutionContext:
         """Create the context for ``key`` and bind every I/O tensor by address (once; later calls reuse it)."""
-        import tensorrt as trt
-
+        trt = self.trt
         if key in self.contexts:
             return self.contexts[key]
         assert self.engine is not None, "activate() first"
@@ -208,6 +318,7 @@ class Engine:
             raise EngineRunError(f"{self.path}: shared activation memory {memory.size} B is smaller than the "
                                  f"engine's {self.device_memory_size} B")
         ctx.set_device_memory(memory.ptr, memory.size)
+        self.memory = memory
         for name, dt in self.inputs.items():
             t = tensors[name]
             self._check_tensor(key, name, t, dt)
@@ -228,10 +339,11 @@ class Engine:
                 raise EngineRunError(f"{self.path}: output {name} is {want} for these inputs, but its buffer is "
                                      f"{tuple(t.shape)} ({key!r})")
         addresses = {}
+        order = {n: i for i, n in enumerate([*self.inputs, *self.outputs])}
         for name, t in tensors.items():
             # torch reports address 0 for an empty tensor (block 0's past): bind a valid, aligned,
-            # never-read address instead of a null pointer
-            ptr = t.data_ptr() if t.numel() else memory.ptr
+            # never-read address of its own instead (TensorRT: non-null, distinct per tensor)
+            ptr = t.data_ptr() if t.numel() else memory.empty_address(order[name])
             if not ctx.set_tensor_address(name, ptr):
                 raise EngineRunError(f"{self.path}: set_tensor_address({name}) failed ({key!r})")
             addresses[name] = ptr
@@ -251,9 +363,24 @@ class Engine:
                 f"{align}")
 
     def enqueue(self, key, stream: int) -> None:
-        """``execute_async_v3`` on the context of ``key``; a False return raises naming the engine file."""
-        ok = self.contexts[key].execute_async_v3(stream)
+        """``execute_async_v3`` on the context of ``key``; a False return raises naming the engine file
+        (``CaptureUnsupported`` while the stream is capturing a CUDA graph). On torch's legacy default
+        stream (handle 0, where TensorRT adds device synchronisations) the work runs on the activation
+        memory's own stream, ordered between the current stream's work by events (no host wait)."""
+        mem = self.memory
+        side = mem.stream_for(stream) if mem is not None else None
+        if side is not None:
+            assert mem is not None and mem._side is not None
+            current, own = torch.cuda.current_stream(mem.device), mem._side
+            own.wait_stream(current)
+            ok = self.contexts[key].execute_async_v3(side)
+            current.wait_stream(own)
+        else:
+            ok = self.contexts[key].execute_async_v3(stream)
         if not ok:
+            if stream and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise CaptureUnsupported(f"{self.path}: execute_async_v3 cannot be captured in a CUDA graph "
+                                         f"(binding {key!r})")
             raise EngineRunError(f"TensorRT execute_async_v3 failed for engine {self.path} (binding {key!r}); "
                                  "see the TensorRT log above")
 
@@ -422,35 +549,37 @@ def engines_folder(profile, engines_dir: str | os.PathLike | None = None) -> Pat
 
 def open_engines(profile, names: Sequence[str], device, *, engines_dir: str | os.PathLike | None = None
                  ) -> tuple[dict[str, Engine], ActivationMemory]:
-    """Check the manifest against this profile, TensorRT and GPU, then load and activate ``names``
-    with one runtime and one shared activation allocation."""
+    """Check the manifest against this profile, the TensorRT flavour (``backends.tensorrt``) and GPU,
+    then load and activate ``names`` with one runtime and one shared activation allocation."""
     from .. import io_spec
     from ..manifest import Expected, check_engines, rebuild_command
-
-    trt_mod = tensorrt_module()
-    import tensorrt as trt
 
     device = torch.device(device)
     if device.type != "cuda":
         raise BackendUnavailableError(f"the TensorRT backend runs on a CUDA GPU, not {device}; use backend torch")
+    cc = tuple(torch.cuda.get_device_capability(device))
+    flavour = choose_flavour(profile.backends.tensorrt, cc)  # type: ignore[arg-type]
+    trt = tensorrt_module(flavour)
     ios = io_spec.engine_ios(profile)
     unknown = [n for n in names if n not in ios]
     assert not unknown, f"unknown engines {unknown}"
     parts = sorted({ios[n].part for n in names}, key=io_spec.PARTS.index)
     folder = engines_folder(profile, engines_dir)
     rebuild = rebuild_command(profile.path, parts)
+    if flavour == "tensorrt_rtx":
+        rebuild += f" --tensorrt tensorrt_rtx --compute-capability {cc[0]}.{cc[1]}"
     exp = Expected(
         part_hashes=io_spec.engine_hashes(profile, ios), io_hashes={n: ios[n].hash() for n in names},
         checkpoints={n: io_spec.engine_checkpoints(profile, ios[n].part) for n in names},
-        tensorrt_version=trt_mod.__version__, gpu_name=torch.cuda.get_device_name(device),
-        compute_capability=tuple(torch.cuda.get_device_capability(device)))
-    manifest = check_engines(folder, names, exp, rebuild)
+        tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name(device),
+        compute_capability=cc, flavour=flavour)  # type: ignore[arg-type]
+    manifest = check_engines(folder, names, exp, rebuild)  # the plans only: a plans-only deployment runs
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
     for n in names:
         plan = manifest.engines[n].plan
         assert plan is not None  # check_engines reports engines without plans
-        e = Engine(folder / plan.file, n, rebuild=rebuild).load().activate(runtime)
+        e = Engine(folder / plan.file, n, rebuild=rebuild).load().activate(runtime, trt)
         e.check_io(ios[n])
         engines[n] = e
     return engines, ActivationMemory(engines.values(), device)

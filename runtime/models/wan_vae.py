@@ -517,7 +517,7 @@ class AttentionBlock(nn.Module):
         # 2. attention over the h*w positions of each frame
         y = F.scaled_dot_product_attention(q, k, v)
         # 3. back to images, projection, residual
-        y = self.proj(y.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+        y = self.proj(y[:, 0].permute(0, 2, 1).reshape(b * t, c, h, w))  # not squeeze(1): no If in ONNX
         return _to_frames(y, b).add_(identity)
 
 
