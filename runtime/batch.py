@@ -181,6 +181,8 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise output_error(e, out) from None
+    probe = atomic_write_bytes(out / ".sdvg-rt-write-check", b"")  # a read-only folder fails here, not later
+    probe.unlink()
     removed = remove_stale_temps(out)
     if removed:
         log(f"removed {len(removed)} temporary file(s) of interrupted runs in {out}")

@@ -148,7 +148,7 @@ def test_memory_plan_of_the_paper_profile():
 
 def test_profile_overrides_through_from_profile(tiny_dir):
     path = tiny_dir / "p.yaml"
-    path.write_text((PROFILES_DIR / "tiny.yaml").read_text().replace("../synthetic/tiny", str(tiny_dir)))
+    path.write_text((PROFILES_DIR / "tiny.yaml").read_text().replace("cache://synthetic/tiny", str(tiny_dir)))
     r = sdvg_rt.Runtime.from_profile(path, "cpu", text_encoder=False, tau=-0.25, mode="target", **SMALL)
     assert (r.profile.sampling.tau, r.profile.sampling.mode) == (-0.25, "target")
     assert r.profile.path == path and torch.device("cpu") == r.device
