@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import OutputError, ResumeMismatchError
-from .video import (BackgroundVideoWriter, atomic_write_bytes, atomic_write_json, output_error, remove_stale_temps,
-                    slugify)
+from .video import (BackgroundVideoWriter, atomic_write_bytes, atomic_write_json, output_error, remove_own_temps,
+                    remove_stale_temps, slugify)
 
 SUMMARY = "summary.json"
 _PATH_FIELDS = ("name", "path", "root", "checkpoints")  # not settings: checkpoints are recorded by content
@@ -194,7 +194,7 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
     if todo:
         own = runtime is None
         rt = _load(profile, device, log) if own else runtime
-        try:
+        try:  # the writers discard their temporary files on any exception; remove_own_temps is the backstop
             encoded = rt.encode_prompts([e["prompt"] for e in todo])
             if own:
                 rt.release_text_encoder()
@@ -203,6 +203,9 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
                 log(f"warm-up {rt.warmup():.1f}s")
             for entry, prompt in zip(todo, encoded):
                 _generate_one(rt, profile, entry, prompt, out, n, save_latents, bars, log)
+        except BaseException:
+            remove_own_temps(out)
+            raise
         finally:
             if own:
                 rt.close()

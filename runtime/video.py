@@ -98,6 +98,16 @@ def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_TMP_A
     return removed
 
 
+def remove_own_temps(folder: str | os.PathLike) -> None:
+    """Remove this process's temporary files in ``folder`` (the last resort of an interrupted run)."""
+    suffix = f".tmp-{os.getpid()}"
+    for p in Path(folder).glob(f"*{suffix}"):
+        try:
+            _unlink_quietly(p)
+        except OSError:
+            pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file beside ``path``, fsync, then rename over it (parents created). Any
     OSError becomes an ``OutputError`` naming the path; the temporary file never stays behind."""
@@ -175,12 +185,16 @@ class VideoWriter(_Finishing):
         except OSError as e:
             _unlink_quietly(self.tmp)
             raise output_error(e, self.path) from None
-        self._stream = self._container.add_stream("libx264", rate=fps)
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf), "preset": preset}
-        self._size = (height, width)
         self._closed = False
+        try:
+            self._stream = self._container.add_stream("libx264", rate=fps)
+            self._stream.width, self._stream.height = width, height
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(crf), "preset": preset}
+        except BaseException:  # e.g. a signal arriving here: the caller gets no object to abort
+            self.abort()
+            raise
+        self._size = (height, width)
 
     def write(self, frames: np.ndarray) -> None:
         """frames: uint8 [F, H, W, 3] (RGB)."""
@@ -243,11 +257,15 @@ class BackgroundVideoWriter(_Finishing):
         import threading
 
         self._writer = VideoWriter(*args, **kwargs)
-        self.path = self._writer.path
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sdvg-video-writer", daemon=True)
-        self._thread.start()
+        try:
+            self.path = self._writer.path
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._error: BaseException | None = None
+            self._thread = threading.Thread(target=self._run, name="sdvg-video-writer", daemon=True)
+            self._thread.start()
+        except BaseException:  # e.g. a signal arriving here: no object to abort later, so now
+            self._writer.abort()
+            raise
 
     def _run(self) -> None:
         while True:
