@@ -1,15 +1,20 @@
 PYTHON ?= python3
 PROFILE ?= profiles/tiny.yaml
 
-.PHONY: install test engines onnx demo bench
+.PHONY: install test test-quick engines onnx demo bench
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0" || $(PYTHON) -m pip install torch
 	$(PYTHON) -m pip install -e ".[test]"
 	$(PYTHON) -m pip install --no-deps "tensorrt-stubs==10.13.*"
 
+# everything, the slow tests included (what CI runs)
 test:
 	$(PYTHON) -m pytest -q tests
+
+# without the tests marked slow (torch.compile on CPU, the C++ embedding, real subprocess runs, the wheel)
+test-quick:
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 engines:
 	$(PYTHON) -m sdvg_export build --profile $(PROFILE)

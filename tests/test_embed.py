@@ -29,6 +29,9 @@ def _skip_reason():
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
+pytestmark = pytest.mark.slow  # compiles and links a C++ program against libpython
+
+
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     out = tmp_path_factory.mktemp("embed") / "embed_demo"
