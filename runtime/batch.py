@@ -70,6 +70,7 @@ def checkpoint_hashes(profile, log: Callable[[str], None] | None = None) -> dict
     from .profiles import cache_home
 
     cache = HashCache(cache_home() / "sha256-cache.json")
+    t0 = time.perf_counter()
     out = {}
     for f in dataclasses.fields(profile.checkpoints):
         p = Path(getattr(profile.checkpoints, f.name))
@@ -80,8 +81,10 @@ def checkpoint_hashes(profile, log: Callable[[str], None] | None = None) -> dict
             out[f.name] = cache.record(p).sha256
         else:
             out[f.name] = "missing"
-    if cache.hashed and log is not None:
-        log(f"hashed {len(cache.hashed)} checkpoint file(s) for the output records (cached for later runs)")
+    took = time.perf_counter() - t0
+    if cache.hashed and log is not None and took > 2.0:  # large checkpoints, first time: say what took so long
+        log(f"hashed {len(cache.hashed)} checkpoint file(s) for the output records in {took:.0f}s "
+            "(cached for later runs)")
     try:
         cache.save()
     except (OSError, OutputError):
