@@ -44,7 +44,7 @@ from sdvg_rt.manifest import (
     load_manifest, onnx_files, onnx_stale_reasons, plan_stale_reasons, rebuild_command, sha256_file, write_manifest,
 )
 from sdvg_rt.io_spec import DTYPES
-from sdvg_rt.profiles import REPO_ROOT, Profile, load_profile
+from sdvg_rt.profiles import ENGINES_DIR, Profile, load_profile
 from sdvg_rt.video import atomic_write_bytes
 
 from . import onnx_export
@@ -52,7 +52,7 @@ from . import onnx_export
 if TYPE_CHECKING:
     import tensorrt as trt
 
-DEFAULT_ENGINES_DIR = REPO_ROOT / "engines"
+DEFAULT_ENGINES_DIR = ENGINES_DIR
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from .errors import (  # noqa: F401
     OutputError,
     ProfileError,
     PromptFileError,
+    ArgumentError,
+    ClosedError,
+    ResumeMismatchError,
     SdvgError,
 )
 
@@ -32,6 +35,7 @@ _LAZY = {
     "load_profile": "profiles",
     "demo_profile": "profiles",
     "Profile": "profiles",
+    "run_prompts": "batch",
 }
 
 __all__ = sorted(
@@ -39,6 +43,7 @@ __all__ = sorted(
     + [
         "BackendUnavailableError", "BusyError", "CheckpointError", "EngineMismatchError", "NumericalError",
         "OutOfMemoryError", "OutputError", "ProfileError", "PromptFileError", "SdvgError", "__version__",
+        "ArgumentError", "ClosedError", "ResumeMismatchError",
     ]
 )
 

@@ -27,7 +27,8 @@ import torch
 
 from . import backends
 from .decide import check_mode, check_tau
-from .errors import BackendUnavailableError, BusyError, CheckpointError, OutOfMemoryError, SdvgError
+from .errors import (ArgumentError, BackendUnavailableError, BusyError, CheckpointError, ClosedError,
+                     OutOfMemoryError, SdvgError)
 from .io_spec import DTYPES
 from .loop import BlockOutput, DecideFn, PreparedPrompt, SpeculativeLoop
 from .memory import check_fits, oom_message
@@ -76,6 +77,7 @@ class Runtime:
         self.loop: SpeculativeLoop | None = None
         self.timings = {"load_s": load_s}
         self._lock = threading.Lock()
+        self._closed = False
 
     # ---- load ------------------------------------------------------------------------------------
     @classmethod
@@ -112,6 +114,7 @@ class Runtime:
     # ---- prompts ---------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PreparedPrompt]:
         """umT5-encode prompts once; the contexts are kept on the host (pinned on CUDA)."""
+        self._check_open()
         if self.text_encoder is None:
             raise SdvgError("the text encoder was released (or never loaded); encode prompts before "
                             "release_text_encoder(), or build the Runtime with text_encoder=True")
@@ -132,11 +135,19 @@ class Runtime:
             return prompt
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or a PreparedPrompt from encode_prompts(), got {type(prompt)}")
+        if not prompt.strip():
+            raise ArgumentError(f"prompt must be non-empty text, got {prompt!r}; give the scene to generate")
         return self.encode_prompts([prompt])[0]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Runtime was closed (its models and caches were freed); create a new one "
+                              "with Runtime.from_profile(...)")
 
     # ---- allocate, warm up -----------------------------------------------------------------------
     def allocate(self) -> None:
         """Preallocate every cache and buffer (idempotent)."""
+        self._check_open()
         if self.loop is not None:
             return
         t0 = time.perf_counter()
@@ -190,6 +201,8 @@ class Runtime:
         self.allocate()
         s = self.profile.sampling
         seed = s.seed if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ArgumentError(f"seed must be an integer in [0, 2^64), got {seed!r}")
         tau = check_tau(s.tau if tau is None else tau)
         mode = check_mode(s.mode if mode is None else mode)
         p = self._prepared(prompt)
@@ -250,7 +263,7 @@ class Runtime:
     def close(self) -> None:
         """Drop models, caches and buffers (the Runtime cannot generate afterwards)."""
         self.release_text_encoder()
-        self.loop, self.models = None, {}
+        self.loop, self.models, self._closed = None, {}, True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

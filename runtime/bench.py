@@ -98,20 +98,53 @@ def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
+def bench_profile(size: str, device: torch.device):
+    """The benchmark's profile: the demo profile at ``size``'s models and geometry."""
+    from .profiles import demo_profile
+
+    s = SIZES[size]
+    return demo_profile().replace(models__drafter=s["drafter"], models__target=s["target"], models__vae=s["vae"],
+                                  models__scorer=s["scorer"],
+                                  width=s["width"], height=s["height"], latent_frames=s["latent_frames"],
+                                  window_frames=s["latent_frames"], sink_frames=0, name=f"bench-{size}",
+                                  precision="bf16" if device.type == "cuda" else "fp32")
+
+
+def host_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (the memory a CPU run can take), or physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_bench_fits(size: str, device: torch.device) -> None:
+    """Refuse a size whose weights, caches and activations do not fit the device (before building anything)."""
+    from .api import check_fits
+    from .errors import OutOfMemoryError
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
+    try:
+        check_fits(bench_profile(size, device), free, text_encoder=False)
+    except OutOfMemoryError as e:
+        if device.type != "cpu":
+            raise
+        raise OutOfMemoryError(f"{e}; on a machine without a GPU, run `sdvg-rt bench --size tiny`") from None
+
+
 def build_runtime(size: str, device: torch.device, log=print, attention: str | None = None):
     """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder);
     ``attention`` overrides the profile's ``performance.attention``."""
     from .api import Runtime
     from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
     from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
-    from .profiles import demo_profile
 
     s = SIZES[size]
-    prof = demo_profile().replace(models__drafter=s["drafter"], models__target=s["target"], models__vae=s["vae"],
-                                  models__scorer=s["scorer"],
-                                  width=s["width"], height=s["height"], latent_frames=s["latent_frames"],
-                                  window_frames=s["latent_frames"], sink_frames=0, name=f"bench-{size}",
-                                  precision="bf16" if device.type == "cuda" else "fp32")
+    prof = bench_profile(size, device)
     if attention is not None:
         prof = prof.replace(attention=attention)
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -423,6 +456,7 @@ def run(a: argparse.Namespace) -> int:
 
     dev = resolve_device(a.device)
     print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
+    check_bench_fits(a.size, dev)
     rt = build_runtime(a.size, dev, attention=a.attention)
     rt.allocate()
     impl = rt.models["target"].attention.implementation

@@ -17,10 +17,10 @@ import math
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
-from .errors import OutputError, ProfileError, PromptFileError, SdvgError
+from .batch import output_stem  # noqa: F401 - re-exported: the name of a prompt's files
+from .errors import PromptFileError, SdvgError
 
 BANNER = """\
 ============================================================================================
@@ -57,12 +57,6 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[tuple[int, str]], list[i
     return prompts, blank
 
 
-def output_stem(index: int, prompt: str, count: int) -> str:
-    from .video import slugify
-
-    return f"{index:0{max(3, len(str(count - 1)))}d}-{slugify(prompt)}"
-
-
 # ---- run ---------------------------------------------------------------------------------------------
 def _demo_profile(overrides: dict):
     """The tiny demo profile; creates its synthetic checkpoints on first use."""
@@ -82,11 +76,9 @@ def _demo_profile(overrides: dict):
 
 
 def cmd_run(args) -> int:
-    from tqdm import tqdm
-
-    from .api import Runtime
+    from .batch import run_prompts
     from .profiles import load_profile
-    from .video import BackgroundVideoWriter, atomic_write_bytes, atomic_write_json
+    from .video import output_error
 
     prompts, blank = read_prompts(args.prompts)
     if blank:
@@ -96,94 +88,12 @@ def cmd_run(args) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot use {out} as the output folder ({e.strerror}); give --out a writable folder") \
-            from None
+        raise output_error(e, out) from None
     overrides = {"tau": args.tau, "mode": args.mode, "seed": args.seed}
     prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
-
-    # 1. which prompts still need a video (resume: an mp4 + json pair means done)
-    n = len(prompts)
-    todo, entries = [], []
-    for idx, (line, text) in enumerate(prompts):
-        stem = output_stem(idx, text, n)
-        done = (out / f"{stem}.mp4").exists() and (out / f"{stem}.json").exists()
-        entry = {"index": idx, "line": line, "prompt": text, "video": f"{stem}.mp4", "record": f"{stem}.json"}
-        entries.append(entry)
-        if done and not args.overwrite:
-            entry["status"] = "skipped (finished earlier; --overwrite to redo)"
-        else:
-            todo.append(entry)
-    skipped = n - len(todo)
-    if skipped:
-        print(f"{skipped} of {n} prompt(s) already finished in {out}; skipping them (--overwrite to redo)",
-              file=sys.stderr)
-    t_run = time.perf_counter()
-    if todo:
-        # 2. load, encode every prompt first, free the text encoder, then allocate and warm up
-        rt = Runtime.from_profile(prof, args.device)
-        print(f"profile {prof.name} on {rt.device}: loaded in {rt.timings['load_s']:.1f}s", file=sys.stderr)
-        encoded = rt.encode_prompts([e["prompt"] for e in todo])
-        rt.release_text_encoder()
-        rt.allocate()
-        if rt.device.type == "cuda":
-            print(f"warm-up {rt.warmup():.1f}s", file=sys.stderr)
-        # 3. generate
-        for entry, prompt in zip(todo, encoded):
-            stem = entry["video"][:-4]
-            desc = f"[{entry['index'] + 1}/{n}] {entry['prompt'][:40]}"
-            v = prof.video
-            marks, acc, judged = [], 0, 0
-            with tqdm(total=v.num_blocks, desc=desc, unit="block", file=sys.stderr, leave=True,
-                      disable=args.quiet) as bar, \
-                    BackgroundVideoWriter(out / f"{stem}.mp4", v.width, v.height, prof.output.fps,
-                                          prof.output.crf, prof.output.preset) as writer:  # encodes off-loop
-                for blk in rt.stream(prompt):
-                    writer.write(blk.frames)
-                    d = blk.record.decision
-                    marks.append(d[0].upper())
-                    acc += d == "accepted"
-                    judged += d in ("accepted", "rejected")
-                    bar.set_postfix_str(f"{''.join(marks)} accepted {acc}/{judged}")
-                    bar.update(1)
-            stats = dict(rt.last_stats, video=entry["video"], index=entry["index"], line=entry["line"])
-            if args.save_latents:
-                from safetensors.torch import save
-
-                lat = rt.loop.committed_latents().cpu().contiguous()
-                name = f"{stem}.latents.safetensors"
-                atomic_write_bytes(out / name, save({"latents": lat}, metadata={
-                    "prompt": entry["prompt"], "seed": str(stats["seed"]), "mode": stats["mode"],
-                    "tau": str(stats["tau"]), "layout": "[1, 16, latent_frames, h, w], normalised Wan latents"}))
-                stats["latents"] = name
-            atomic_write_json(out / f"{stem}.json", stats)  # last: its existence marks the prompt done
-            entry.update(status="generated", acceptance_rate=stats["acceptance_rate"],
-                         wall_time_s=stats["wall_time_s"], target_only_estimate_s=stats["target_only_estimate_s"])
-    # 4. run summary
-    gen = [e for e in entries if e.get("status") == "generated"]
-    rates = [e["acceptance_rate"] for e in gen if e["acceptance_rate"] is not None]
-    wall = sum(e["wall_time_s"] for e in gen)
-    est = [e["target_only_estimate_s"] for e in gen if e["target_only_estimate_s"] is not None]
-    summary = {
-        "profile": prof.name,
-        "profile_path": str(prof.path) if prof.path else None,
-        "prompts_file": str(args.prompts),
-        "mode": prof.sampling.mode,
-        "tau": prof.sampling.tau,
-        "seed": prof.sampling.seed,
-        "prompts": entries,
-        "generated": len(gen),
-        "skipped": skipped,
-        "blank_lines": blank,
-        "mean_acceptance_rate": sum(rates) / len(rates) if rates else None,
-        "generation_time_s": wall,
-        "run_time_s": time.perf_counter() - t_run,
-        "target_only_estimate_s": sum(est) if len(est) == len(gen) and gen else None,
-        "speedup_estimate": (sum(est) / wall) if len(est) == len(gen) and gen and wall > 0 else None,
-    }
-    atomic_write_json(out / "summary.json", summary)
-    rate = summary["mean_acceptance_rate"]
-    print(f"done: {len(gen)} generated, {skipped} skipped -> {out}"
-          + (f"; mean acceptance {rate:.1%}" if rate is not None and not math.isnan(rate) else ""), file=sys.stderr)
+    run_prompts(prof, prompts, out, device=args.device, overwrite=args.overwrite, save_latents=args.save_latents,
+                bars=False if args.quiet else None,
+                extra_summary={"prompts_file": str(args.prompts), "blank_lines": blank})
     return 0
 
 
@@ -250,6 +160,7 @@ def cmd_info(args) -> int:
     info["backends"] = {"torch": {"usable": True, "detail": f"torch {torch.__version__}"},
                         "tensorrt": {"usable": trt_ok, "detail": trt_detail}}
     path = Path(args.profile) if args.profile else DEMO_PROFILE
+    code = 0
     try:
         prof = load_profile(path)
         info["profile"] = {"name": prof.name, "path": str(path), "ok": True,
@@ -258,11 +169,12 @@ def cmd_info(args) -> int:
                            "backends": {c: getattr(prof.backends, c) for c in COMPONENTS},
                            "checkpoints": {f.name: {"path": str(f.path), "exists": f.exists, "bytes": f.size}
                                            for f in _checkpoint_status(prof)}}
-    except ProfileError as e:
+    except SdvgError as e:  # the profile's error (or an hf:// checkpoint not in the cache): its exit code
         info["profile"] = {"path": str(path), "ok": False, "error": str(e)}
+        code = e.exit_code
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return code
     v = info["versions"]
     print(f"sdvg-rt {v['sdvg_rt']}  python {v['python']}  torch {v['torch']} (CUDA {v['cuda'] or 'n/a'}, "
           f"cuDNN {v['cudnn'] or 'n/a'})")
@@ -279,7 +191,7 @@ def cmd_info(args) -> int:
     p = info["profile"]
     if not p["ok"]:
         print(f"profile {p['path']}: INVALID\n  {p['error']}")
-        return 0
+        return code
     print(f"profile {p['name']} ({p['path']}): {p['video']}")
     print("  backends: " + ", ".join(f"{k} {b}" for k, b in p["backends"].items()))
     print("  checkpoints:")
@@ -316,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .decide import MODES
 
     ap = argparse.ArgumentParser(prog="sdvg-rt", description="SDVG video generation runtime")
+    ap.add_argument("--version", action="version", version=f"sdvg-rt {_pkg_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate one video per prompt line",
                        description="Generate <out>/<index>-<slug>.mp4 and .json per prompt line.")
@@ -325,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=MODES, help="override sampling.mode")
     r.add_argument("--tau", type=_tau, help="override sampling.tau (inf: always the target, -inf: accept all)")
     r.add_argument("--seed", type=_seed, help="override sampling.seed")
-    r.add_argument("--overwrite", action="store_true", help="regenerate prompts whose mp4 and json exist")
+    r.add_argument("--overwrite", action="store_true", help="regenerate prompts whose outputs exist, even when made with other "
+                   "settings")
     r.add_argument("--save-latents", action="store_true", help="also save the committed latents (safetensors)")
     r.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", action="store_true", help="no progress bars (the one line per finished video stays); "
+                   "bars are shown only when stderr is a terminal")
     r.set_defaults(func=cmd_run)
     i = sub.add_parser("info", help="versions, devices, usable backends, profile and checkpoint status")
     i.add_argument("--profile", help="profile YAML (default: the tiny demo profile)")
@@ -346,18 +261,42 @@ def build_parser() -> argparse.ArgumentParser:
 ALLOC_CONF = "expandable_segments:True"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the run is, so the current write is abandoned like on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     args = build_parser().parse_args(argv)
+    handled = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _on_signal) for s in handled}
     try:
         return args.func(args)
     except SdvgError as e:  # one paragraph, no traceback
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"sdvg-rt: error ({type(e).__name__}): {msg}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("sdvg-rt: interrupted; finished prompts are kept (re-run to resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"sdvg-rt: interrupted ({signal.Signals(signum).name}); the unfinished video was discarded, "
+              "finished prompts are kept (re-run to resume)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .errors import ArgumentError
+
 MODES = ("sdvg", "target", "draft")
 FORCED, ACCEPTED, REJECTED = "forced", "accepted", "rejected"
 
@@ -29,7 +31,7 @@ class Decision:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise ArgumentError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     return mode
 
 
@@ -85,9 +87,9 @@ def check_tau(tau) -> float:
     try:
         tau = float(tau)
     except (TypeError, ValueError):
-        raise ValueError(f"tau must be a number (or +-inf); got {tau!r}") from None
+        raise ArgumentError(f"tau must be a number (or +-inf); got {tau!r}") from None
     if math.isnan(tau):
-        raise ValueError("tau must not be NaN (use inf to always reject, -inf to always accept)")
+        raise ArgumentError("tau must not be NaN (use inf to always reject, -inf to always accept)")
     return tau
 
 

@@ -84,3 +84,21 @@ class OutputError(SdvgError):
     """The output folder or a file in it cannot be written."""
 
     exit_code = 8
+
+
+class ResumeMismatchError(OutputError):
+    """Finished outputs in the folder were made with other settings, prompts, checkpoints or code."""
+
+    exit_code = 9
+
+
+class ArgumentError(SdvgError, ValueError):
+    """A bad argument to the Python API (empty prompt, unknown mode, NaN tau, ...)."""
+
+    exit_code = 2
+
+
+class ClosedError(SdvgError, RuntimeError):
+    """The Runtime was closed: its models and caches are gone."""
+
+    exit_code = 1

@@ -1,7 +1,9 @@
 """Profiles: one YAML file -> frozen dataclasses, validated field by field.
 
 A profile names the checkpoints (relative paths resolve against ``root``, itself relative to the profile's
-folder; without ``root``, against the profile's folder), the expected architectures, the video geometry,
+folder; without ``root``, against the profile's folder; ``cache://x`` is ``x`` under ``cache_home()``;
+``hf://<owner>/<repo>[@<revision>]/<path>`` is a file or folder in the local Hugging Face hub cache, resolved
+offline), the expected architectures, the video geometry,
 the schedule, the cache window, the precision, one backend per component, the sampling defaults and the
 output settings. Every problem raises ``ProfileError`` naming the file and the field (``video.width``).
 
@@ -25,9 +27,33 @@ ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")  # m
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
 COMPONENTS = ("drafter", "target", "vae", "scorer")
-REPO_ROOT = Path(__file__).resolve().parent.parent  # editable install: the checkout
-PROFILES_DIR = REPO_ROOT / "profiles"
+
+
+def _shipped_profiles_dir() -> Path:
+    """The shipped profiles: package data ``sdvg_rt/_profiles`` in a wheel; the ``profiles/`` folder beside
+    the package in a source checkout (which the wheel's ``_profiles`` is built from)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "_profiles", here.parent / "profiles"):
+        if (d / "tiny.yaml").is_file():
+            return d
+    return here / "_profiles"
+
+
+def cache_home() -> Path:
+    """Where generated data lives (the synthetic demo set, checkpoint hashes): ``$SDVG_RT_CACHE``, else
+    ``$XDG_CACHE_HOME/sdvg-rt``, else ``~/.cache/sdvg-rt``. A profile writes it as ``cache://<path>``."""
+    env = os.environ.get("SDVG_RT_CACHE")
+    if env:
+        return Path(os.path.expanduser(env))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(os.path.expanduser(xdg) if xdg else os.path.expanduser("~/.cache")) / "sdvg-rt"
+
+
+PROFILES_DIR = _shipped_profiles_dir()
 DEMO_PROFILE = PROFILES_DIR / "tiny.yaml"
+# TensorRT engines: ``$SDVG_RT_ENGINES``, else ``engines/`` in the working folder, one subfolder per profile.
+ENGINES_DIR = Path(os.environ.get("SDVG_RT_ENGINES", "engines"))
+CACHE_SCHEME, HF_SCHEME = "cache://", "hf://"
 
 
 @dataclass(frozen=True)
@@ -168,10 +194,12 @@ def load_profile(path: str | os.PathLike, **overrides) -> Profile:
     import yaml
 
     p = Path(path)
+    if not p.is_file() and p.parent == Path(".") and (PROFILES_DIR / f"{p.stem}.yaml").is_file():
+        p = PROFILES_DIR / f"{p.stem}.yaml"  # a shipped profile by name: "paper-832x480" or "tiny.yaml"
     if not p.is_file():
-        shipped = sorted(x.name for x in PROFILES_DIR.glob("*.yaml")) if PROFILES_DIR.is_dir() else []
-        hint = f"; profiles shipped in {PROFILES_DIR}: {', '.join(shipped)}" if shipped else ""
-        raise ProfileError(f"profile file not found{hint}", path=p)
+        shipped = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml")) if PROFILES_DIR.is_dir() else []
+        hint = f"; or name a shipped profile: {', '.join(shipped)}" if shipped else ""
+        raise ProfileError(f"profile file not found (give the path of a profile YAML{hint})", path=p)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -196,8 +224,7 @@ def _build(raw: dict, path: Path | None) -> Profile:
     if root is not None:
         if not isinstance(root, str) or not root:
             raise ProfileError("root must be a folder path (string)", path=path, field="root")
-        root = Path(os.path.expanduser(root))
-        base = _abs(root if root.is_absolute() else (base / root))
+        base = _local_path(root, base)
     sections = {}
     for name, cls in _SECTIONS.items():
         sec = raw.get(name)
@@ -211,6 +238,15 @@ def _build(raw: dict, path: Path | None) -> Profile:
     profile = Profile(name=name, path=path, root=base, **prec, **sections)
     validate(profile)
     return profile
+
+
+def _local_path(text: str, base: Path) -> Path:
+    """``cache://x`` -> ``cache_home()/x``; ``~`` expanded; relative paths against ``base`` (the profile's
+    folder, or its ``root``)."""
+    if text.startswith(CACHE_SCHEME):
+        return _abs(cache_home() / text[len(CACHE_SCHEME):])
+    p = Path(os.path.expanduser(text))
+    return _abs(p if p.is_absolute() else (base / p))
 
 
 def _abs(p: Path) -> Path:
@@ -242,8 +278,11 @@ def _coerce(cls, f, v, where: str, path, base: Path):
     if cls is Checkpoints:
         if not isinstance(v, str) or not v:
             raise ProfileError("checkpoint path must be a non-empty string", path=path, field=where)
-        p = Path(os.path.expanduser(v))
-        return _abs(p if p.is_absolute() else (base / p))
+        if v.startswith(HF_SCHEME):
+            from .checkpoints.hub import resolve_hf
+
+            return resolve_hf(v, path=path, field=where)
+        return _local_path(v, base)
     if isinstance(default, bool):
         if not isinstance(v, bool):
             raise ProfileError(f"must be true or false, got {v!r}", path=path, field=where)

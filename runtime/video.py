@@ -6,6 +6,7 @@ would mistake for finished ones.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+
+from .errors import OutputError
 
 
 def slugify(text: str, max_len: int = 60) -> str:
@@ -24,24 +27,106 @@ def slugify(text: str, max_len: int = 60) -> str:
     return slug or "prompt"
 
 
+TMP_PATTERN = re.compile(r"\.tmp-(\d+)$")  # <name>.tmp-<pid>: this tool's temporary files, nothing else
+STALE_TMP_AGE_S = 3600.0  # a temporary file untouched this long is stale even if its pid was reused
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def output_error(e: OSError, path: str | os.PathLike) -> OutputError:
+    """An OSError met writing ``path`` as a typed ``OutputError`` that names the path and what to do."""
+    path, err = Path(path), e.errno
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        what = "the disk is full" if err == errno.ENOSPC else "the disk quota is exceeded"
+        return OutputError(f"cannot write {path}: {what} ({e.strerror}); free space on that filesystem or give "
+                           f"--out a folder on another one, then re-run (finished prompts are kept)")
+    if err in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY) or path.is_dir():
+        return OutputError(f"cannot write {path}: a folder (or a non-folder in the path) occupies it "
+                           f"({e.strerror}); move it away or give another --out")
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {path}: the folder is not writable ({e.strerror}); give --out a "
+                           f"writable folder or fix its permissions")
+    return OutputError(f"cannot write {path} ({e.strerror or e}); check the folder and the disk, or give "
+                       f"another --out")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Remove this tool's ``<name>.tmp-<pid>`` files left in ``folder`` by killed runs: those whose process
+    is gone, or untouched for ``max_age_s``. Another live run's fresh temporary files are kept. Returns
+    the removed paths."""
+    import time
+
+    removed, now = [], time.time()
+    for p in Path(folder).iterdir():
+        m = TMP_PATTERN.search(p.name)
+        if not m or not p.is_file() or p.is_symlink():
+            continue
+        pid = int(m.group(1))
+        try:
+            old = now - p.stat().st_mtime > max_age_s
+        except FileNotFoundError:
+            continue
+        if pid == os.getpid() or not _pid_alive(pid) or old:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise output_error(e, p) from None
+            removed.append(p)
+    return removed
+
+
+def remove_own_temps(folder: str | os.PathLike) -> None:
+    """Remove this process's temporary files in ``folder`` (the last resort of an interrupted run)."""
+    suffix = f".tmp-{os.getpid()}"
+    for p in Path(folder).glob(f"*{suffix}"):
+        try:
+            _unlink_quietly(p)
+        except OSError:
+            pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file beside ``path``, fsync, then rename over it (parents created)."""
+    """Write to a temporary file beside ``path``, fsync, then rename over it (parents created). Any
+    OSError becomes an ``OutputError`` naming the path; the temporary file never stays behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(e, path) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            _unlink_quietly(tmp)
+        except OSError:
+            pass
     return path
 
 
@@ -95,11 +180,20 @@ class VideoWriter(_Finishing):
         self.path = Path(path)
         self.tmp = _tmp(self.path)
         self.frames = 0
-        self._container = av.open(str(self.tmp), mode="w", format="mp4")
-        self._stream = self._container.add_stream("libx264", rate=fps)
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf), "preset": preset}
+        try:
+            self._container = av.open(str(self.tmp), mode="w", format="mp4")
+        except OSError as e:
+            _unlink_quietly(self.tmp)
+            raise output_error(e, self.path) from None
+        self._closed = False
+        try:
+            self._stream = self._container.add_stream("libx264", rate=fps)
+            self._stream.width, self._stream.height = width, height
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(crf), "preset": preset}
+        except BaseException:  # e.g. a signal arriving here: the caller gets no object to abort
+            self.abort()
+            raise
         self._size = (height, width)
 
     def write(self, frames: np.ndarray) -> None:
@@ -109,28 +203,45 @@ class VideoWriter(_Finishing):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*self._size, 3):
             raise ValueError(f"expected uint8 frames [F, {self._size[0]}, {self._size[1]}, 3], "
                              f"got {frames.dtype} {tuple(frames.shape)}")
-        for frame in frames:
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in self._stream.encode(vf):
-                self._container.mux(packet)
-            self.frames += 1
+        try:
+            for frame in frames:
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                for packet in self._stream.encode(vf):
+                    self._container.mux(packet)
+                self.frames += 1
+        except OSError as e:
+            raise output_error(e, self.path) from None
 
     def close(self) -> Path:
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
-        with open(self.tmp, "rb+") as f:  # durable before the rename: the JSON record written after it marks
-            os.fsync(f.fileno())           # the prompt done, and a resume trusts that marker
-        os.replace(self.tmp, self.path)
+        """Finish the stream, fsync, rename over ``path``. On failure the temporary file is removed and the
+        OSError raised as an ``OutputError``."""
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._closed = True
+            self._container.close()
+            with open(self.tmp, "rb+") as f:  # durable before the rename: the JSON record written after it
+                os.fsync(f.fileno())           # marks the prompt done, and a resume trusts that marker
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise output_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - best effort on an already failing path
+                pass
         try:
-            self._container.close()
-        except Exception:  # noqa: BLE001 - best effort on an already failing path
+            _unlink_quietly(self.tmp)
+        except OSError:
             pass
-        if self.tmp.exists():
-            self.tmp.unlink()
 
 
 class BackgroundVideoWriter(_Finishing):
@@ -146,11 +257,15 @@ class BackgroundVideoWriter(_Finishing):
         import threading
 
         self._writer = VideoWriter(*args, **kwargs)
-        self.path = self._writer.path
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sdvg-video-writer", daemon=True)
-        self._thread.start()
+        try:
+            self.path = self._writer.path
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._error: BaseException | None = None
+            self._thread = threading.Thread(target=self._run, name="sdvg-video-writer", daemon=True)
+            self._thread.start()
+        except BaseException:  # e.g. a signal arriving here: no object to abort later, so now
+            self._writer.abort()
+            raise
 
     def _run(self) -> None:
         while True:

@@ -89,6 +89,15 @@ def test_bad_arguments(rt):
         rt.generate(prompt, tau=math.nan)
     with pytest.raises(ValueError, match="seed"):
         rt.generate(prompt, seed=-1)
+    from sdvg_rt.errors import ArgumentError
+
+    for bad in ({"mode": "fast"}, {"tau": math.nan}, {"seed": -1}):  # typed, with the CLI's exit code
+        with pytest.raises(ArgumentError) as e:
+            rt.generate(prompt, **bad)
+        assert isinstance(e.value, SdvgError) and e.value.exit_code == 2
+    for empty in ("", "   \n"):
+        with pytest.raises(ArgumentError, match="non-empty"):
+            rt.generate(empty)
 
 
 def test_released_text_encoder(tiny_dir):
@@ -100,6 +109,12 @@ def test_released_text_encoder(tiny_dir):
         r.generate("three")
     assert r.state_tensors()["drafter.kv"].shape[2] == 3 * 4  # allocate after release: 3 frames x 4 tokens
     r.close()
+    from sdvg_rt.errors import ClosedError
+
+    for call in (lambda: r.generate(prompts[0]), lambda: list(r.stream(prompts[0])), r.allocate,
+                 lambda: r.encode_prompts(["x"])):
+        with pytest.raises(ClosedError, match="closed"):
+            call()
 
 
 def test_tensorrt_backend_is_refused_before_loading(tiny_dir):
@@ -148,7 +163,7 @@ def test_memory_plan_of_the_paper_profile():
 
 def test_profile_overrides_through_from_profile(tiny_dir):
     path = tiny_dir / "p.yaml"
-    path.write_text((PROFILES_DIR / "tiny.yaml").read_text().replace("../synthetic/tiny", str(tiny_dir)))
+    path.write_text((PROFILES_DIR / "tiny.yaml").read_text().replace("cache://synthetic/tiny", str(tiny_dir)))
     r = sdvg_rt.Runtime.from_profile(path, "cpu", text_encoder=False, tau=-0.25, mode="target", **SMALL)
     assert (r.profile.sampling.tau, r.profile.sampling.mode) == (-0.25, "target")
     assert r.profile.path == path and torch.device("cpu") == r.device

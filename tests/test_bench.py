@@ -46,6 +46,21 @@ def test_kernel_check_reports_kernels_as_accurate_as_eager():
         assert kern < 4 * eager
 
 
+def test_full_size_on_a_cpu_machine_is_refused_with_the_fit_table(monkeypatch, capsys):
+    import sdvg_rt.bench as bench
+    from sdvg_rt.cli import main
+    from sdvg_rt.errors import OutOfMemoryError
+
+    monkeypatch.setattr(bench, "host_available_bytes", lambda: 24 * 2**30)  # this machine's size, not the host's
+    built = []
+    monkeypatch.setattr(bench, "build_runtime", lambda *a, **k: built.append(1))
+    assert main(["bench", "--device", "cpu"]) == OutOfMemoryError.exit_code
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "target weights" in err and "--size tiny" in err and not built
+    bench.check_bench_fits("tiny", bench.torch.device("cpu"))  # the tiny size fits
+
+
+@pytest.mark.slow
 def test_bench_runs_end_to_end_on_the_tiny_cpu_profile(tmp_path):
     """``tools/bench.py --size tiny --device cpu`` (its own process, as a user runs it): exit 0, the graph
     self-check reported as not run (CPU), and every mode's video is reported with its decisions."""

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 import sdvg_rt.checkpoints.synthetic as synthetic
 import sdvg_rt.profiles as profiles
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
-from sdvg_rt.cli import main, read_prompts
+from sdvg_rt.cli import main, output_stem, read_prompts
+
+CAT, DOG = output_stem(0, "a cat on the moon", 2), output_stem(1, "A dog, running!", 2)
 
 SMALL_VIDEO = "video: {width: 32, height: 32, latent_frames: 3, frames_per_block: 1}"
 
@@ -28,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 def small_profile(folder, root):
     """profiles/tiny.yaml at 32x32 with 3 one-frame blocks, its checkpoints under ``root``."""
     text = (profiles.DEMO_PROFILE.read_text()
-            .replace("root: ../synthetic/tiny", f"root: {root}")
+            .replace("root: cache://synthetic/tiny", f"root: {root}")
             .replace("video: {width: 64, height: 64, latent_frames: 9, frames_per_block: 3}", SMALL_VIDEO)
             .replace("window_frames: 9", "window_frames: 3"))
     assert SMALL_VIDEO in text
@@ -70,10 +72,10 @@ def test_demo_run_then_resume_then_overwrite(tmp_path, tiny_dir, monkeypatch, ca
     assert "SYNTHETIC DEMO" in err and "RANDOM WEIGHTS" in err and made == [("tiny", 0)]
     assert "skipping 2 blank line(s)" in err and "line 2, 3" in err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000-a-cat-on-the-moon.json", "000-a-cat-on-the-moon.latents.safetensors",
-                     "000-a-cat-on-the-moon.mp4", "001-a-dog-running.json", "001-a-dog-running.latents.safetensors",
-                     "001-a-dog-running.mp4", "summary.json"]
-    for stem in ("000-a-cat-on-the-moon", "001-a-dog-running"):
+    assert CAT.startswith("000-a-cat-on-the-moon-") and DOG.startswith("001-a-dog-running-")
+    assert names == sorted([f"{CAT}.json", f"{CAT}.latents.safetensors", f"{CAT}.mp4", f"{DOG}.json",
+                            f"{DOG}.latents.safetensors", f"{DOG}.mp4", "summary.json"])
+    for stem in (CAT, DOG):
         check_video(out / f"{stem}.mp4")
         rec = json.loads((out / f"{stem}.json").read_text())
         for key in ("prompt", "seed", "mode", "tau", "blocks", "totals", "acceptance_rate", "wall_time_s",
@@ -87,32 +89,35 @@ def test_demo_run_then_resume_then_overwrite(tmp_path, tiny_dir, monkeypatch, ca
                 assert len(b["scores"]) == 4 and b["min_score"] == min(b["scores"])
         lat = load_file(str(out / f"{stem}.latents.safetensors"))["latents"]
         assert lat.shape == (1, 16, 3, 4, 4)
-    rec = json.loads((out / "001-a-dog-running.json").read_text())
+    rec = json.loads((out / f"{DOG}.json").read_text())
     assert rec["prompt"] == "A dog, running!" and rec["line"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generated"] == 2 and summary["skipped"] == 0 and summary["blank_lines"] == [2, 3]
     assert [p["status"] for p in summary["prompts"]] == ["generated", "generated"]
+    assert summary["finished"] == 2 and [v["video"] for v in summary["videos"]] == [f"{CAT}.mp4", f"{DOG}.mp4"]
 
     # 2. an interrupted run: prompt 1 has its video but no record, and a stray temporary file
-    first = (out / "000-a-cat-on-the-moon.mp4").stat().st_mtime_ns
-    (out / "001-a-dog-running.json").unlink()
-    (out / "001-a-dog-running.mp4.tmp-12345").write_bytes(b"partial")
+    first = (out / f"{CAT}.mp4").stat().st_mtime_ns
+    (out / f"{DOG}.json").unlink()
+    (out / f"{DOG}.mp4.tmp-999999999").write_bytes(b"partial")  # no such pid: a killed run's
     assert main(["run", str(prompts), "--profile", str(demo), "--out", str(out), "--quiet"]) == 0
+    assert not list(out.glob("*.tmp-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert [p["status"].split()[0] for p in summary["prompts"]] == ["skipped", "generated"]
-    assert (out / "000-a-cat-on-the-moon.mp4").stat().st_mtime_ns == first  # untouched
-    check_video(out / "001-a-dog-running.mp4")
+    assert (out / f"{CAT}.mp4").stat().st_mtime_ns == first  # untouched
+    check_video(out / f"{DOG}.mp4")
     capsys.readouterr()
     # 3. everything finished: nothing to do (and no model is loaded)
     assert main(["run", str(prompts), "--profile", str(demo), "--out", str(out), "--quiet"]) == 0
-    assert "2 of 2 prompt(s) already finished" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 of 2 prompt(s) already finished" in err and "loaded in" not in err
     # 4. --overwrite regenerates, here in target mode
     assert main(["run", str(prompts), "--profile", str(demo), "--out", str(out), "--quiet", "--overwrite",
                  "--mode", "target", "--seed", "7"]) == 0
-    rec = json.loads((out / "000-a-cat-on-the-moon.json").read_text())
+    rec = json.loads((out / f"{CAT}.json").read_text())
     assert rec["mode"] == "target" and rec["seed"] == 7 and rec["acceptance_rate"] is None
     assert [b["decision"] for b in rec["blocks"]] == ["forced"] * 3
-    assert (out / "000-a-cat-on-the-moon.mp4").stat().st_mtime_ns != first
+    assert (out / f"{CAT}.mp4").stat().st_mtime_ns != first
     assert made == [("tiny", 0)]  # the demo set was created once
 
 
@@ -185,6 +190,13 @@ def test_info(tmp_path, tiny_dir, capsys, monkeypatch):
     nock.write_text(prof.read_text().replace(f"root: {tiny_dir}", f"root: {tmp_path / 'nothing'}"))
     assert main(["info", "--profile", str(nock)]) == 0
     assert "MISSING" in capsys.readouterr().out
+    # an invalid or missing profile: reported, and the profile error's exit code
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(prof.read_text().replace("width: 32", "width: 33"))
+    assert main(["info", "--profile", str(bad)]) == 2
+    assert "INVALID" in capsys.readouterr().out
+    assert main(["info", "--profile", str(tmp_path / "nope.yaml"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["profile"]["ok"] is False
 
 
 def test_bad_device_and_unwritable_out_are_typed_errors(tmp_path):

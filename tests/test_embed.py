@@ -29,6 +29,9 @@ def _skip_reason():
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
+pytestmark = pytest.mark.slow  # compiles and links a C++ program against libpython
+
+
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     out = tmp_path_factory.mktemp("embed") / "embed_demo"
@@ -43,7 +46,7 @@ def test_embedded_runtime_generates_a_video(binary, tmp_path, tmp_path_factory):
     make_synthetic_set(tiny, "tiny", 0, log=None)
     prof = tmp_path / "small.yaml"
     prof.write_text(DEMO_PROFILE.read_text()
-                    .replace("root: ../synthetic/tiny", f"root: {tiny}")
+                    .replace("root: cache://synthetic/tiny", f"root: {tiny}")
                     .replace("video: {width: 64, height: 64, latent_frames: 9, frames_per_block: 3}",
                              "video: {width: 32, height: 32, latent_frames: 3, frames_per_block: 1}")
                     .replace("window_frames: 9", "window_frames: 3"))

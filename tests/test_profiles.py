@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from sdvg_rt.errors import ProfileError
-from sdvg_rt.profiles import DEMO_PROFILE, PROFILES_DIR, demo_profile, load_profile
+from sdvg_rt.profiles import DEMO_PROFILE, PROFILES_DIR, cache_home, demo_profile, load_profile
 
 MINIMAL = {
     "name": "t",
@@ -52,7 +52,62 @@ def test_paper_profile_is_the_paper_setup():
 def test_tiny_profile_is_small():
     p = load_profile(DEMO_PROFILE)
     assert (p.video.latent_height, p.video.latent_width, p.video.num_blocks) == (8, 8, 3)
-    assert p.root == (PROFILES_DIR.parent / "synthetic" / "tiny").resolve()
+    assert p.root == cache_home() / "synthetic" / "tiny"  # cache://, never inside the installed package
+
+
+def test_cache_home_and_shipped_profiles_by_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDVG_RT_CACHE", str(tmp_path / "c"))
+    assert cache_home() == tmp_path / "c"
+    assert load_profile(DEMO_PROFILE).checkpoints.vae == tmp_path / "c/synthetic/tiny/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth"
+    monkeypatch.delenv("SDVG_RT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_home() == tmp_path / "x" / "sdvg-rt"
+    monkeypatch.chdir(tmp_path)  # a shipped profile by name, from any folder
+    assert load_profile("paper-832x480").path == PROFILES_DIR / "paper-832x480.yaml"
+    with pytest.raises(ProfileError, match="paper-832x480"):  # the error lists the shipped names
+        load_profile("nope")
+
+
+def _fake_hub(cache, repo, files, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The hub cache layout huggingface_hub writes: blobs, a snapshot of symlinks, refs/main."""
+    d = cache / f"models--{repo.replace('/', '--')}"
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(commit)
+    for rel, data in files.items():
+        blob = d / "blobs" / f"blob{abs(hash(rel))}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = d / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return d / "snapshots" / commit
+
+
+def test_hf_checkpoints_resolve_offline_from_the_hub_cache(tmp_path, monkeypatch):
+    from sdvg_rt.errors import CheckpointError
+
+    cache = tmp_path / "hub"
+    snap = _fake_hub(cache, "gdhe17/Self-Forcing", {"checkpoints/self_forcing_dmd.pt": b"x"})
+    tok = _fake_hub(cache, "Wan-AI/Wan2.1-T2V-1.3B", {"google/umt5-xxl/spiece.model": b"s",
+                                                       "google/umt5-xxl/tokenizer_config.json": b"{}"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    text = DEMO_PROFILE.read_text()
+    text = text.replace("drafter: Self-Forcing/checkpoints/self_forcing_dmd.pt",
+                        "drafter: hf://gdhe17/Self-Forcing/checkpoints/self_forcing_dmd.pt")
+    text = text.replace("tokenizer: Wan2.1-T2V-1.3B/google/umt5-xxl", "tokenizer: hf://Wan-AI/Wan2.1-T2V-1.3B/google/umt5-xxl")
+    assert text.count("hf://") == 2
+    prof = tmp_path / "hf.yaml"
+    prof.write_text(text)
+    p = load_profile(prof)
+    assert p.checkpoints.drafter == snap / "checkpoints/self_forcing_dmd.pt" and p.checkpoints.drafter.read_bytes() == b"x"
+    assert p.checkpoints.tokenizer == tok / "google/umt5-xxl" and p.checkpoints.tokenizer.is_dir()
+    # not in the cache: a clear error with the download command, nothing fetched
+    prof.write_text(text.replace("self_forcing_dmd.pt", "other.pt"))
+    with pytest.raises(CheckpointError, match="huggingface-cli download gdhe17/Self-Forcing checkpoints/other.pt"):
+        load_profile(prof)
+    prof.write_text(text.replace("hf://gdhe17/Self-Forcing/checkpoints/self_forcing_dmd.pt", "hf://gdhe17/Self-Forcing"))
+    with pytest.raises(ProfileError, match="checkpoints.drafter"):
+        load_profile(prof)
 
 
 def test_relative_paths_resolve_against_the_profile_folder_or_root(tmp_path):

@@ -381,6 +381,7 @@ def test_causal_conv_inputs_stay_channels_last(tiny32, subpixel, monkeypatch):
     assert ok
 
 
+@pytest.mark.slow  # torch.compile on CPU: about a minute on 2 cores
 @pytest.mark.skipif(_no_cxx(), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
     """Compiled (Inductor on CPU here) with the GPU's sub-pixel mode ("2x2"): the causal convs' inputs

@@ -542,9 +542,9 @@ class TrtScoreStep:
 # Loading: manifest check, engines, steps
 
 def engines_folder(profile, engines_dir: str | os.PathLike | None = None) -> Path:
-    from ..profiles import REPO_ROOT
+    from ..profiles import ENGINES_DIR
 
-    return Path(engines_dir or REPO_ROOT / "engines") / profile.name
+    return Path(engines_dir or ENGINES_DIR) / profile.name
 
 
 def open_engines(profile, names: Sequence[str], device, *, engines_dir: str | os.PathLike | None = None
