@@ -117,7 +117,9 @@ def test_released_text_encoder(tiny_dir):
             call()
 
 
-def test_tensorrt_backend_is_refused_before_loading(tiny_dir):
+def test_tensorrt_backend_is_refused_before_loading(tiny_dir, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):  # neither flavour importable (CI installs TensorRT-RTX's builder)
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(BackendUnavailableError, match="backends.target") as e:
         sdvg_rt.Runtime.from_profile(demo_profile(tiny_dir), "cpu", backends__target="tensorrt")
     assert "backends.target: torch" in str(e.value) and e.value.exit_code == 4
