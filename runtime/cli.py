@@ -118,7 +118,11 @@ def cmd_run(args) -> int:
         print(f"{skipped} of {n} prompt(s) already finished in {out}; skipping them (--overwrite to redo)",
               file=sys.stderr)
     t_run = time.perf_counter()
-    if todo:
+    if todo and args.ray is not None:  # the prompts on a Ray cluster, one warm Runtime per GPU
+        from .scaleout import run_on_ray
+
+        run_on_ray(prof, todo, out, args)
+    elif todo:
         # 2. load, encode every prompt first, free the text encoder, then allocate and warm up
         rt = Runtime.from_profile(prof, args.device)
         print(f"profile {prof.name} on {rt.device}: loaded in {rt.timings['load_s']:.1f}s", file=sys.stderr)
@@ -329,11 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-latents", action="store_true", help="also save the committed latents (safetensors)")
     r.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .scaleout import add_ray_arguments
+
+    add_ray_arguments(r)  # --ray [ADDRESS]: the prompts on a Ray cluster (sdvg_rt.scaleout)
     r.set_defaults(func=cmd_run)
     i = sub.add_parser("info", help="versions, devices, usable backends, profile and checkpoint status")
     i.add_argument("--profile", help="profile YAML (default: the tiny demo profile)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
+    from .sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     if importlib.util.find_spec(f"{__package__}.bench") is not None:  # the bench subcommand slot
         importlib.import_module(f"{__package__}.bench").add_parser(sub)
     return ap

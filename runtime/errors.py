@@ -84,3 +84,9 @@ class OutputError(SdvgError):
     """The output folder or a file in it cannot be written."""
 
     exit_code = 8
+
+
+class DependencyError(SdvgError):
+    """An optional extra a command needs is not installed (the message names the pip extra)."""
+
+    exit_code = 9
