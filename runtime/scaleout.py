@@ -127,7 +127,7 @@ def ray_module():
 
 def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_result, on_event, tick_s) -> Report:
     ray = ray_module()
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -160,10 +160,9 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
         pending = deque(units)
         attempts: dict[str, int] = {}
         deaths = [0] * len(actors)
-        alive = set(range(len(actors)))
         idle = deque(range(len(actors)))
-        inflight: dict[Any, tuple[int, dict]] = {}
-        while pending or inflight:
+        inflight: dict[Any, tuple[int, dict | None]] = {}  # ref -> (actor, unit); unit None: a health probe
+        while pending or any(u is not None for _, u in inflight.values()):
             while pending and idle:
                 i = idle.popleft()
                 unit = pending.popleft()
@@ -180,6 +179,10 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
                 try:
                     res = ray.get(ref)
                 except RayActorError as e:
+                    if unit is None:  # the probe of a restarting actor: try again, or give it up when dead
+                        if deaths[i] <= placement.max_restarts and not isinstance(e, ActorDiedError):
+                            inflight[actors[i].pid.remote()] = (i, None)
+                        continue
                     deaths[i] += 1
                     rep.retries += 1
                     attempts[unit["key"]] = n = attempts.get(unit["key"], 0) + 1
@@ -188,23 +191,22 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
                                         f"(last: {type(e).__name__}); out of host or device memory? The outputs "
                                         "made so far are kept, re-run to resume") from None
                     pending.appendleft(unit)  # first in line for the next free worker
-                    print(f"sdvg-rt: Ray worker {i} died while processing {unit['key']}; re-queued "
-                          f"({'restarting' if deaths[i] <= placement.max_restarts else 'not restarted'})",
-                          file=sys.stderr)
-                    if deaths[i] > placement.max_restarts:
-                        alive.discard(i)
-                        continue
+                    restarts = deaths[i] <= placement.max_restarts
+                    print(f"sdvg-rt: Ray worker {i} died while processing {unit['key']}; re-queued"
+                          f"{'; the worker restarts' if restarts else ''}", file=sys.stderr)
+                    if restarts:  # back to work once it answers (Ray restarts it in its bundle)
+                        inflight[actors[i].pid.remote()] = (i, None)
+                    continue
                 except RayTaskError as e:
                     cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
                     if cause is not None:
                         raise cause from None
                     raise
-                else:
+                if unit is not None:
                     rep.results[unit["key"]] = res
                     if on_result:
                         on_result(unit, res)
-                if i in alive:
-                    idle.append(i)
+                idle.append(i)
             if on_tick:
                 on_tick()
         return rep

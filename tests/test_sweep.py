@@ -55,6 +55,7 @@ def decode(path):
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_sweep_killed_then_resumed(small, tmp_path):
     out = tmp_path / "sw"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # both runs: the same threads, so the same numbers
@@ -101,7 +102,7 @@ def test_sweep_killed_then_resumed(small, tmp_path):
         assert np.array_equal(decode(out / inf["video"]), decode(out / t["video"]))
         assert t["psnr_db"] == "inf" and t["ssim"] == 1.0 and draft["ssim"] < 0.9
         assert by[k, "tau-2"]["decisions"][1:] == "AA" and by[k, "tau-2"]["acceptance_rate"] == 1.0
-        assert t["speedup"] == 1.0 and inf["target_wall_time_s"] == t["wall_time_s"] or inf["target_wall_time_s"] > 0
+        assert t["speedup"] == 1.0 and inf["target_wall_time_s"] > 0
     agg = {a["setting"]: a for a in data["aggregate"]}
     assert agg["tau+inf"]["acceptance_rate"] == 0.0 and agg["draft"]["acceptance_rate"] == 1.0
     assert agg["tau+inf"]["imagereward_mean_retention"] == 0.0  # same frames, same reward
