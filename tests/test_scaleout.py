@@ -135,3 +135,19 @@ def test_sweep_on_ray_matches_local(cluster, small, tmp_path, one_thread):
     for k, r in rows["local"].items():
         assert r["frames_sha256"] == rows["ray"][k]["frames_sha256"] and r["decisions"] == rows["ray"][k]["decisions"]
         assert r["psnr_db"] == rows["ray"][k]["psnr_db"]
+
+
+def test_worker_error_stops_the_run_with_that_error(cluster, small, tmp_path):
+    from sdvg_rt.errors import CheckpointError
+    from sdvg_rt.profiles import load_profile
+
+    text = (small / "small.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("\n".join(f"root: {tmp_path / 'no-checkpoints-here'}" if line.startswith("root:") else line
+                             for line in text.splitlines()))
+    prof = load_profile(bad)
+    units = [{"key": "000-x.mp4", "index": 0, "line": 1, "prompt": "x", "video": "000-x.mp4", "record": "000-x.json"}]
+    with pytest.raises(CheckpointError, match="no-checkpoints-here"):
+        execute(units, functools.partial(RunJob, prof, str(tmp_path), ["x"], False), use_ray=True,
+                placement=Placement(workers=1, cpus_per_worker=1))
+    assert not list(tmp_path.glob("000-x*"))
