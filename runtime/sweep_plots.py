@@ -53,8 +53,9 @@ def plot_all(folder: Path, rows: list[dict], agg: list[dict], quality: dict[str,
         pts = [(a["speedup"], a[col], a) for a in taus if _finite(a["speedup"]) and _finite(a[col])]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C0", label="sdvg (tau)")
-            for x, y, a in pts:
-                ax.annotate(f"tau={a['tau']:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            for k, (x, y, a) in enumerate(pts):  # staggered, so labels of coinciding points stay readable
+                ax.annotate(f"tau={a['tau']:g}", (x, y), textcoords="offset points", xytext=(5, 5 + 9 * (k % 3)),
+                            fontsize=8)
             est = [(a["speedup_estimate"], a[col]) for a in taus if _finite(a["speedup_estimate"]) and _finite(a[col])]
             if est:
                 ax.plot(*zip(*est), "o", mfc="none", color="C0", alpha=0.5, label="sdvg, component-time estimate")
