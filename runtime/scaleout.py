@@ -162,18 +162,28 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
         deaths = [0] * len(actors)
         idle = deque(range(len(actors)))
         inflight: dict[Any, tuple[int, dict | None]] = {}  # ref -> (actor, unit); unit None: a health probe
+        reprobe: dict[int, float] = {}  # restarting actor -> when to ask again whether it is back
+        last_tick = 0.0
         while pending or any(u is not None for _, u in inflight.values()):
+            now = time.monotonic()
+            for i in [i for i, t in reprobe.items() if t <= now]:
+                del reprobe[i]
+                inflight[actors[i].pid.remote()] = (i, None)
             while pending and idle:
                 i = idle.popleft()
                 unit = pending.popleft()
                 inflight[actors[i].process.remote(unit)] = (i, unit)
                 if on_event:
                     on_event("submitted", {"actor": actors[i], "index": i, "unit": unit})
-            if not inflight:
+            if not inflight and not reprobe:
                 raise SdvgError(f"every Ray worker died ({placement.max_restarts} restarts each); "
                                 f"{len(pending)} unit(s) left undone; the outputs made so far are kept, re-run to "
                                 "resume")
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_s)
+            if inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_s)
+            else:  # only restarting actors: wait for their next probe
+                ready = []
+                time.sleep(tick_s)
             for ref in ready:
                 i, unit = inflight.pop(ref)
                 try:
@@ -181,7 +191,7 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
                 except RayActorError as e:
                     if unit is None:  # the probe of a restarting actor: try again, or give it up when dead
                         if deaths[i] <= placement.max_restarts and not isinstance(e, ActorDiedError):
-                            inflight[actors[i].pid.remote()] = (i, None)
+                            reprobe[i] = time.monotonic() + tick_s
                         continue
                     deaths[i] += 1
                     rep.retries += 1
@@ -207,8 +217,9 @@ def _execute_ray(units, make_job, address, placement: Placement, on_tick, on_res
                     if on_result:
                         on_result(unit, res)
                 idle.append(i)
-            if on_tick:
+            if on_tick and time.monotonic() - last_tick >= tick_s:
                 on_tick()
+                last_tick = time.monotonic()
         return rep
     finally:
         if pg is not None and ray.is_initialized():

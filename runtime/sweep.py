@@ -368,7 +368,6 @@ def _fmt(v, spec: str) -> str:
 
 
 def add_parser(sub) -> None:
-    from .cli import _seed  # noqa: F401 - the same seed rules as `run`
     from .metrics import DEFAULT_METRICS
 
     s = sub.add_parser("sweep", help="target-only, draft-only and sdvg at each tau per prompt: CSV, JSON, plots",
