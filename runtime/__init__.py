@@ -13,6 +13,7 @@ from .errors import (  # noqa: F401
     BackendUnavailableError,
     BusyError,
     CheckpointError,
+    DependencyError,
     EngineMismatchError,
     NumericalError,
     OutOfMemoryError,
@@ -41,7 +42,7 @@ _LAZY = {
 __all__ = sorted(
     list(_LAZY)
     + [
-        "BackendUnavailableError", "BusyError", "CheckpointError", "EngineMismatchError", "NumericalError",
+        "BackendUnavailableError", "BusyError", "CheckpointError", "DependencyError", "EngineMismatchError", "NumericalError",
         "OutOfMemoryError", "OutputError", "ProfileError", "PromptFileError", "SdvgError", "__version__",
         "ArgumentError", "ClosedError", "ResumeMismatchError",
     ]

@@ -171,11 +171,13 @@ def plan(profile, prompts: Sequence[tuple[int, str]], out: Path, *, overwrite: b
 
 def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *, runtime=None,
                 device=None, overwrite: bool = False, save_latents: bool = False, bars: bool | None = None,
-                log: Callable[[str], None] | None = None, extra_summary: dict | None = None) -> dict:
+                log: Callable[[str], None] | None = None, extra_summary: dict | None = None,
+                ray_args=None) -> dict:
     """Generate one video per ``(line, prompt)`` into ``out`` with resume (see the module docstring).
 
     ``runtime``: a loaded ``Runtime`` of ``profile`` to use (kept open); without it one is built on
-    ``device`` and closed at the end. ``bars``: progress bars (None: only when stderr is a terminal); one
+    ``device`` and closed at the end. ``ray_args`` (``--ray`` and its placement flags): the videos are made
+    by the actors of a Ray cluster instead (``scaleout.run_on_ray``), same files and records. ``bars``: progress bars (None: only when stderr is a terminal); one
     plain line per finished video is always logged. Returns the summary written to ``summary.json``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -194,7 +196,15 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
     if skipped:
         log(f"{skipped} of {n} prompt(s) already finished in {out} with the same settings; skipping them")
     t_run = time.perf_counter()
-    if todo:
+    if todo and ray_args is not None:
+        from .scaleout import run_on_ray
+
+        try:
+            run_on_ray(profile, todo, out, ray_args)
+        except BaseException:
+            remove_own_temps(out)
+            raise
+    elif todo:
         own = runtime is None
         rt = _load(profile, device, log) if own else runtime
         try:  # the writers discard their temporary files on any exception; remove_own_temps is the backstop

@@ -93,6 +93,7 @@ def cmd_run(args) -> int:
     prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
     run_prompts(prof, prompts, out, device=args.device, overwrite=args.overwrite, save_latents=args.save_latents,
                 bars=False if args.quiet else None,
+                ray_args=args if args.ray is not None else None,
                 extra_summary={"prompts_file": str(args.prompts), "blank_lines": blank})
     return 0
 
@@ -244,11 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     r.add_argument("--quiet", action="store_true", help="no progress bars (the one line per finished video stays); "
                    "bars are shown only when stderr is a terminal")
+    from .scaleout import add_ray_arguments
+
+    add_ray_arguments(r)  # --ray [ADDRESS]: the prompts on a Ray cluster (sdvg_rt.scaleout)
     r.set_defaults(func=cmd_run)
     i = sub.add_parser("info", help="versions, devices, usable backends, profile and checkpoint status")
     i.add_argument("--profile", help="profile YAML (default: the tiny demo profile)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
+    from .sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     if importlib.util.find_spec(f"{__package__}.bench") is not None:  # the bench subcommand slot
         importlib.import_module(f"{__package__}.bench").add_parser(sub)
     return ap

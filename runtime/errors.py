@@ -102,3 +102,9 @@ class ClosedError(SdvgError, RuntimeError):
     """The Runtime was closed: its models and caches are gone."""
 
     exit_code = 1
+
+
+class DependencyError(SdvgError):
+    """An optional extra a command needs is not installed (the message names the pip extra)."""
+
+    exit_code = 10
