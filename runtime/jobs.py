@@ -145,9 +145,9 @@ class JobService:
             self._threads.append(t)
         self.ready = True
 
-    def shutdown(self, running: str = "cancel", timeout: float | None = None) -> None:
-        """Stop taking jobs; cancel the queued ones; ``running``: "cancel" (stop after the current block,
-        discard its partial video) or "finish". Returns when every worker has stopped."""
+    def drain(self, running: str = "cancel") -> None:
+        """Stop taking jobs and cancel the queued ones; ``running``: "cancel" (stop after the current block,
+        discard its partial video) or "finish". Returns at once (idempotent)."""
         if running not in ("cancel", "finish"):
             raise ValueError(f"running must be 'cancel' or 'finish', got {running!r}")
         with self._lock:
@@ -156,6 +156,10 @@ class JobService:
         for job in jobs:
             if job.status == QUEUED or (running == "cancel" and job.status == RUNNING):
                 self.cancel(job.id)
+
+    def shutdown(self, running: str = "cancel", timeout: float | None = None) -> None:
+        """``drain(running)``, then wait until every worker has stopped."""
+        self.drain(running)
         for _ in self._threads:
             self._queue.put(None)  # after the queued (cancelled) jobs: each worker takes one and stops
         for t in self._threads:

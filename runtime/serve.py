@@ -17,6 +17,7 @@ import asyncio
 import math
 import secrets
 import sys
+import threading
 
 from .jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobService, QueueFullError, ShuttingDownError
 
@@ -134,6 +135,7 @@ def build_app(svc: JobService, *, token: str | None = None, on_shutdown: str = "
             await asyncio.to_thread(svc.start)
         yield
         await asyncio.to_thread(svc.shutdown, on_shutdown)
+        print("stopped: every job is finished or cancelled, no partial files", file=sys.stderr)
 
     app = FastAPI(title="sdvg-rt", version=_version(), lifespan=lifespan)
 
@@ -314,7 +316,16 @@ def cmd_serve(args) -> int:
     print(f"ready: {len(svc.runtimes)} runtime(s); listening on http://{args.host}:{args.port}", file=sys.stderr)
     token = args.token or os.environ.get("SDVG_RT_TOKEN") or None
     app = build_app(svc, token=token, on_shutdown=args.on_shutdown)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: cancel jobs now, not after the connections close
+            if not svc.draining:
+                print(f"shutting down: {args.on_shutdown} running jobs, cancel queued ones", file=sys.stderr)
+                threading.Thread(target=svc.drain, args=(args.on_shutdown,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    Server(config).run()  # after a signal, uvicorn re-raises it once the shutdown is complete
     return 0
 
 
