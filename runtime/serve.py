@@ -164,11 +164,11 @@ def build_app(svc: JobService, *, token: str | None = None, on_shutdown: str = "
             metrics.rejected.labels("shutting_down").inc()
             return JSONResponse({"detail": str(e)}, 503, headers={"Retry-After": "5"})
         metrics.submitted.inc()
-        return job.to_dict()
+        return _safe(job.to_dict())
 
     @app.get("/v1/videos/{job_id}", dependencies=[Depends(auth)])
     def status(job_id: str):
-        return job_or_404(job_id).to_dict()
+        return _safe(job_or_404(job_id).to_dict())
 
     @app.get("/v1/videos/{job_id}/content", dependencies=[Depends(auth)])
     def content(job_id: str):
@@ -180,7 +180,7 @@ def build_app(svc: JobService, *, token: str | None = None, on_shutdown: str = "
 
     def cancel(job_id: str):
         job_or_404(job_id)
-        return svc.cancel(job_id).to_dict()
+        return _safe(svc.cancel(job_id).to_dict())
 
     app.post("/v1/videos/{job_id}/cancel", dependencies=[Depends(auth)])(cancel)
     app.delete("/v1/videos/{job_id}", dependencies=[Depends(auth)])(cancel)

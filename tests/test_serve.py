@@ -141,6 +141,14 @@ def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
     assert r.status_code == status and words in r.text, r.text
 
 
+def test_infinite_tau_is_accepted_and_shown_as_text(server):
+    job = submit(server, prompt="always the target", tau="inf", seed=1)
+    blocks, end = stream(server, job, frames="none")
+    assert end["status"] == "succeeded" and end["tau"] == "inf"
+    assert [m["decision"] for m, _ in blocks] == ["forced", "rejected", "rejected"]  # tau = +inf rejects every draft
+    assert requests.get(f"{server['url']}/v1/videos/{job}", headers=AUTH, timeout=10).json()["tau"] == "inf"
+
+
 def test_unknown_jobs_bad_bodies_and_tokens(server):
     u = server["url"]
     r = requests.get(f"{u}/v1/videos/nope", headers=AUTH, timeout=10)
