@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +118,7 @@ class JobService:
         self._lock = threading.Lock()  # jobs, counters, state
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[Job], None]] = []
-        self._job_seconds: list[float] = []  # recent wall times (Retry-After estimate)
+        self._job_seconds: deque[float] = deque(maxlen=20)  # recent wall times (Retry-After estimate)
         self.ready = False
         self.draining = False
 
@@ -208,7 +208,7 @@ class JobService:
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: mean recent job time x waiting jobs / runtimes."""
-        recent = self._job_seconds[-20:]
+        recent = list(self._job_seconds)
         mean = sum(recent) / len(recent) if recent else 1.0
         return max(1, math.ceil(mean * max(1, self._queue.qsize()) / max(1, len(self.runtimes))))
 

@@ -47,9 +47,14 @@ class Metrics:
                               registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
         self._seen: dict[str, int] = {}  # job id -> blocks counted
         self._acc = self._judged = 0
+        self._lock = threading.Lock()  # workers and request threads report changes
 
     def on_change(self, job: Job) -> None:
         """Count the job's new blocks; on its end, its status and fps (called once per change)."""
+        with self._lock:
+            self._count(job)
+
+    def _count(self, job: Job) -> None:
         n = self._seen.get(job.id, 0)
         if n == 0 and job.events and job.first_block_s is not None:
             self.ttfb.observe(job.first_block_s)
@@ -86,7 +91,10 @@ def build_app(svc: JobService, *, token: str | None = None, on_shutdown: str = "
         metrics.on_change(job)
         loop = state["loop"]
         if loop is not None and job.id in waiters:
-            loop.call_soon_threadsafe(_wake, job.id)
+            try:
+                loop.call_soon_threadsafe(_wake, job.id)
+            except RuntimeError:  # the event loop has closed: no stream is left to wake
+                pass
 
     def _wake(job_id: str) -> None:
         for fut in waiters.pop(job_id, ()):
@@ -293,6 +301,25 @@ def default_devices() -> list[str]:
     return ["cpu"]
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from .errors import SdvgError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SdvgError(f"--host {host!r} is not an address of this machine ({e}); e.g. 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise SdvgError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or stop the "
+                            "process that uses it") from None
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -308,6 +335,7 @@ def cmd_serve(args) -> int:
     from .cli import _demo_profile
     from .profiles import load_profile
 
+    _check_port(args.host, args.port)  # before minutes of loading
     prof = load_profile(args.profile) if args.profile else _demo_profile({})
     devices = args.devices.split(",") if args.devices else default_devices()
     svc = JobService(prof, args.out, devices=devices, queue_size=args.queue_size, warmup=not args.no_warmup)

@@ -206,3 +206,13 @@ def test_load_50_requests_from_8_clients_lose_nothing(server):
     assert ok and ok[0] >= 50
     for name in ("sdvg_queue_depth", "sdvg_acceptance_rate", "sdvg_job_fps_count", "sdvg_time_to_first_block_seconds_count"):
         assert any(line.startswith(name) for line in m.splitlines()), name
+
+
+def test_serve_refuses_a_port_in_use_before_loading(profile, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert cli_main(["serve", "--profile", str(profile), "--port", str(port), "--devices", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "loading" not in err
