@@ -14,6 +14,7 @@ a shutdown (SIGINT/SIGTERM) cancels the queued jobs and cancels (``--on-shutdown
 
 import argparse
 import asyncio
+import contextlib
 import math
 import secrets
 import sys
@@ -137,6 +138,7 @@ def build_app(svc: JobService, *, token: str | None = None, on_shutdown: str = "
                 raise ValueError(f"mode must be one of {', '.join(MODES)}, got {v!r}")
             return v
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         state["loop"] = asyncio.get_running_loop()
         if not svc.ready and not svc.draining:

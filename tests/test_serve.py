@@ -113,6 +113,12 @@ def test_job_matches_sdvg_rt_run_byte_for_byte(server, profile, tmp_path):
                      "--seed", "5", "--tau", "-2", "--device", "cpu", "--quiet"]) == 0
     ran = tmp_path / "run" / "000-a-red-fox-running-through-fresh-snow.mp4"
     assert mp4.content == ran.read_bytes()
+    # the streamed raw frames are the runtime's frames, exactly
+    from sdvg_rt import Runtime
+
+    with Runtime.from_profile(profile, "cpu") as rt:
+        want = rt.generate("a red fox running through fresh snow", seed=5, tau=-2.0).frames
+    np.testing.assert_array_equal(np.concatenate([a for _, a in blocks]), want)
     served_json = server["out"] / job / "000-a-red-fox-running-through-fresh-snow.json"
     a, b = json.loads(served_json.read_text()), json.loads(ran.with_suffix(".json").read_text())
     assert a["job"] == job and a["video"] == b["video"]
