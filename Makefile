@@ -5,7 +5,7 @@ PROFILE ?= profiles/tiny.yaml
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0" || $(PYTHON) -m pip install torch
-	$(PYTHON) -m pip install -e ".[test,sweep,ray]"
+	$(PYTHON) -m pip install -e ".[test,sweep,ray,serve]"
 	$(PYTHON) -m pip install --no-deps "tensorrt-stubs==10.13.*"
 
 # everything, the slow tests included (what CI runs)

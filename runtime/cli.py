@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     if importlib.util.find_spec(f"{__package__}.bench") is not None:  # the bench subcommand slot
         importlib.import_module(f"{__package__}.bench").add_parser(sub)
+    from .serve import add_parser as add_serve_parser  # web dependencies are imported only when it runs
+
+    add_serve_parser(sub)
     return ap
 
 
