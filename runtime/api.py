@@ -404,6 +404,8 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
     out = {kind: load_dit(getattr(ck, kind), dev, dt, expect=getattr(m, kind))
            for kind in ("drafter", "target") if kind in torch_parts}
     apply_performance(prof, dev, out)
+    from .models.fp8 import apply_quantization  # profile section quantization (fp8 DiT linears)
+    apply_quantization(prof, dev, out)
     a, b = _dit_config(prof, out, "drafter"), _dit_config(prof, out, "target")
     if (a.in_dim, a.patch_size, a.text_dim, a.text_len) != (b.in_dim, b.patch_size, b.text_dim, b.text_len):
         raise CheckpointError("drafter and target disagree on latent channels, patch size or text width; they "
