@@ -313,6 +313,9 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
             ca.o = make(ca.o, p + "cross_attn.o")
             b.ffn[0] = make(b.ffn[0], p + "ffn.0")
             b.ffn[2] = make(b.ffn[2], p + "ffn.2")
+        for i, b in enumerate(model.blocks):  # blocks observed earlier but kept in bf16: plain layers again
+            if i not in blocks and b.self_attn._modules.get("qk_fp8") is not None:
+                _restore_bf16(b)
         # the producing kernels: each block's norm3 -> cross q, norm2 -> ffn.0, last norm -> next block's qkv
         qset = set(blocks)
         rowwise = cfg.weight_scaling == "channel"
@@ -329,6 +332,23 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return model
+
+
+def _restore_bf16(block) -> None:
+    """An observed block back to ``nn.Linear`` layers sharing the observers' bf16 weights (no copies)."""
+    def linear(obs, w=None, b=None):
+        w, b = (obs.weight, obs.bias) if w is None else (w, b)
+        lin = nn.Linear(w.shape[1], w.shape[0], device="meta")
+        lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        return lin
+
+    sa, ca = block.self_attn, block.cross_attn
+    qk = sa._modules.pop("qk_fp8")
+    d = qk.out_features // 2
+    sa.q, sa.k = linear(None, qk.weight[:d], qk.bias[:d]), linear(None, qk.weight[d:], qk.bias[d:])
+    sa.qk_weight, sa.qk_bias = qk.weight.data, qk.bias.data  # fuse_qk's form: q and k are views of these
+    sa.v, sa.o, ca.q, ca.o = linear(sa.v), linear(sa.o), linear(ca.q), linear(ca.o)
+    block.ffn[0], block.ffn[2] = linear(block.ffn[0]), linear(block.ffn[2])
 
 
 def collect_amax(model) -> dict[str, torch.Tensor]:
@@ -452,3 +472,36 @@ def apply_quantization(prof, dev: torch.device, dits: dict) -> None:
             raise CheckpointError(f"the fp8 scales file lacks a layer that quantization.keep_first/keep_last "
                                   f"quantize; make it again with: {calibrate_command(prof, kind)}",
                                   path=scales_path(ck), key=e.args[0]) from None
+
+
+def calibrate(prof, prompts: list[str], part: str = "target", blocks: int | None = None, device=None,
+              log=print) -> Path:
+    """Run ``part``'s bf16 DiT over ``prompts`` (every denoising step and commit of the first ``blocks``
+    blocks, default all; ``target`` mode for the target, ``draft`` for the drafter), observe every block's
+    GEMM inputs, and write their amax next to the checkpoint (``scales_path``). Returns the file."""
+    from ..api import Runtime
+
+    if part not in ("target", "drafter"):
+        raise ValueError(f"part must be target or drafter, got {part!r}")
+    prof = prof.replace(**{f"quantization__{part}": "bf16"})  # calibrate the bf16 model
+    ck = getattr(prof.checkpoints, part)
+    rt = Runtime.from_profile(prof, device)
+    try:
+        encoded = rt.encode_prompts(prompts)
+        rt.release_text_encoder()
+        model = rt._models[part]
+        quantize_dit(model, None, Fp8Config(0, 0))  # observe every block (any keep_first/keep_last later)
+        rt.allocate()
+        n = prof.video.num_blocks if blocks is None else max(1, min(blocks, prof.video.num_blocks))
+        for i, p in enumerate(encoded):
+            for _ in rt.stream(p, mode="target" if part == "target" else "draft", seed=i, max_blocks=n):
+                pass
+            log(f"  calibrated on prompt {i + 1}/{len(encoded)}: {p.text[:60]!r}")
+        amax = collect_amax(model)
+    finally:
+        rt.close()
+    out = save_scales(scales_path(ck), amax, checkpoint_sha256(ck),
+                      {"model": model.cfg.name, "part": part, "prompts": len(prompts), "blocks": n,
+                       "steps": len(prof.schedule.steps)})
+    log(f"fp8 scales of {len(amax)} GEMM inputs written to {out}")
+    return out
