@@ -178,3 +178,68 @@ def test_profile_quantization_field(tmp_path, tiny_copy):
         assert e.value.field == field, (bad, e.value.field)
     with pytest.raises(ProfileError, match="ambiguous"):
         p.replace(target="fp8")
+
+
+@torch.no_grad()
+def test_onnx_export_has_modelopt_qdq_and_onnxruntime_matches(tmp_path):
+    """The DiT step graph of an fp8 model: QuantizeLinear -> DequantizeLinear (e4m3 zero point, the static
+    scale) on every quantized GEMM input and DequantizeLinear on every fp8 weight; ONNX Runtime (its own
+    fp8 Q/DQ kernels) against the torch layer's dequantized reference."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from sdvg_export import onnx_export as ox
+    from sdvg_rt import io_spec
+    from sdvg_rt.kv_cache import KVCache
+
+    geo = io_spec.Geometry(frames_per_block=3, latent_height=4, latent_width=4, latent_frames=6, window_frames=6,
+                           sink_frames=0)
+    model = random_dit("tiny", "cpu", torch.float32)
+    cfg = model.cfg
+    ctx_kv = model.prepare_context(torch.randn(1, cfg.text_len, cfg.text_dim))
+    x, t = torch.randn(1, 16, 3, 4, 4), torch.full((3,), 833.33)
+    fp8.quantize_dit(model, None, fp8.Fp8Config(0, 0))
+    model.forward_full(x, t, ctx_kv)
+    fp8.quantize_dit(model, fp8.collect_amax(model), fp8.Fp8Config(0, 0))  # both tiny blocks in fp8
+    io = io_spec.dit_step_io("drafter", cfg, geo, "fp32")
+    path = ox.export_graph(ox.Graph(io, ox.DiTStepGraph(model).eval(), ox.example_inputs(io, "cpu")),
+                           tmp_path / "step.onnx")
+    m = onnx.load(str(path))
+    nodes = list(m.graph.node)
+    by_out = {o: n for n in nodes for o in n.output}
+    fp8_consts = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    for n in nodes:
+        if n.op_type == "Constant" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+            fp8_consts.add(n.output[0])
+    q = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    per_block = 7  # q/k, v, self o, cross q, cross o, ffn 0, ffn 2
+    assert len(q) == per_block * cfg.num_layers and len(dq) == 2 * len(q)
+    assert all(n.input[2] in fp8_consts for n in q + dq)  # e4m3 zero points: fp8 Q/DQ
+    weight_dq = [n for n in dq if n.input[0] in fp8_consts]
+    act_dq = [n for n in dq if n.input[0] in {o for qn in q for o in qn.output}]
+    assert len(weight_dq) == len(act_dq) == len(q)
+    assert all(by_out[n.input[0]].input[1] == n.input[1] for n in act_dq)  # Q and DQ share the scale
+    consumers = {i: n for n in nodes for i in n.input}
+    assert all(consumers[n.output[0]].op_type in ("MatMul", "Gemm", "Transpose") for n in weight_dq + act_dq)
+
+    cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, geo.tokens_per_frame, 3, geo.window_frames, 0,
+                    dtype=torch.float32)
+    s = cache.slots(0)
+    cos, sin = model.rope.factors(3, 2, 2, frame_offset=0)
+    feed = {"x": x, "t": t, "rope_cos": cos, "rope_sin": sin, "ctx_kv": ctx_kv}
+    for i in range(cfg.num_layers):
+        for a in "kv":
+            feed[f"{a}_head.{i}"] = torch.zeros(0, cfg.num_heads, cfg.head_dim)
+            feed[f"{a}_tail.{i}"] = torch.zeros(0, cfg.num_heads, cfg.head_dim)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, {k: v.numpy() for k, v in feed.items() if k in
+                                          {i.name for i in sess.get_inputs()}})))
+    flow = model(x, t, ctx_kv, cache.kv, s)
+    # same fp8 codes and scales; fp32 summation order differs, which can flip a rare code: 1e-3 relative
+    rel = np.linalg.norm(out["flow"] - flow.numpy()) / np.linalg.norm(flow.numpy())
+    assert rel < 1e-3, rel
+    rel_v = np.linalg.norm(out["v_new.1"] - cache.kv[1, 1, :s.read_end].numpy()) / np.linalg.norm(out["v_new.1"])
+    assert rel_v < 1e-3, rel_v

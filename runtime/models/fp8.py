@@ -67,8 +67,40 @@ def fp8_supported(device) -> bool:
     return d.type == "cuda" and torch.cuda.get_device_capability(d) >= (8, 9)
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _fast(t: torch.Tensor) -> bool:
-    return t.is_cuda and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    return t.is_cuda and not _exporting()
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake quantization of an activation; exports as ONNX ``QuantizeLinear -> DequantizeLinear`` with an
+    e4m3 zero point (the form NVIDIA's ModelOpt writes and TensorRT fuses into fp8 GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        return (quantize_ref(x, scale).float() * scale.float()).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale):
+        zp = g.op("Constant", value_t=torch.zeros((), dtype=E4M3))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp), scale, zp)
+
+
+class _DQWeight(torch.autograd.Function):
+    """An fp8 weight ``[N, K]`` dequantized with its scales (``[N]``: per output channel, axis 0; or 0-dim);
+    exports as ``DequantizeLinear`` on the fp8 initializer."""
+
+    @staticmethod
+    def forward(ctx, w8, ws, like):
+        return (w8.float() * (ws.float().reshape(-1, 1) if ws.dim() else ws.float())).to(like.dtype)
+
+    @staticmethod
+    def symbolic(g, w8, ws, like):
+        zp = g.op("Constant", value_t=torch.zeros(ws.type().sizes(), dtype=E4M3))
+        return g.op("DequantizeLinear", w8, ws, zp, axis_i=0)
 
 
 class Fp8Act:
@@ -154,6 +186,8 @@ def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops: dict, *args)
     from . import dit_kernels as K
 
     x = args[0]
+    if _exporting():  # the graph carries the group in the model dtype and the Q/DQ pair at the GEMM
+        return ops[name](*args)
     if _fast(x) and K.AVAILABLE:
         eps = args[-1]
         if name == "modulated_ln":
@@ -220,6 +254,8 @@ class Fp8Linear(nn.Module):
             torch.maximum(self.amax, x.detach().abs().amax().float(), out=self.amax)
             y = F.linear(x, self.weight, self.bias)
             return y if out is None else out.copy_(y.view(out.shape))
+        if _exporting():
+            return self._qdq_linear(x, out)
         if not isinstance(x, Fp8Act):
             x = quantize(x, self.input_scale, self.rowwise)
         lead = x.shape[:-1]
@@ -232,6 +268,16 @@ class Fp8Linear(nn.Module):
             if out is not None:
                 y = out.copy_(y.view(out.shape))
         return y.view(*lead, self.out_features)
+
+    def _qdq_linear(self, x: torch.Tensor, out):
+        """The ONNX form: Q/DQ of the input with the static scale, DQ of the fp8 weight, MatMul (+ bias);
+        scales in the graph's dtype (QuantizeLinear takes the input's type)."""
+        dt = x.dtype
+        xq = _QDQ.apply(x, self.input_scale.to(dt))
+        w = _DQWeight.apply(self.weight, self.weight_scale.reshape(-1).to(dt) if self.rowwise
+                            else self.weight_scale.to(dt), x)
+        y = F.linear(xq, w, None if self.bias is None else self.bias.to(dt))
+        return y if out is None else out.copy_(y.view(out.shape))
 
     def _gemm(self, a, sa, out):
         kw = dict(scale_a=sa, scale_b=self.weight_scale, out_dtype=self.out_dtype)
@@ -257,7 +303,7 @@ def ffn(seq: nn.Sequential, x) -> torch.Tensor:
     quantization of the hidden, fp8 GEMM."""
     first, last = seq[0], seq[2]
     h = first(x)
-    if last.observe:
+    if last.observe or _exporting():
         return last(F.gelu(h, approximate="tanh"))
     return last(quantize(h, last.input_scale, last.rowwise, gelu=True))
 

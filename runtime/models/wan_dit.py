@@ -369,7 +369,8 @@ class WanSelfAttention(_WanAttentionParams):
         q = _ops["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
                                 self.num_heads, kv_layer, write_start)
         v_slot = kv_layer[1, write_start:write_start + n]
-        if getattr(self.v, "fp8", False):  # fp8 hook: the fp8 GEMM writes the value slots too
+        if getattr(self.v, "fp8", False) and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # fp8 hook: the fp8 GEMM writes the value slots too
             self.v(x, out=v_slot.view(n, -1))
         elif _cuda_fast_path(x):
             # the GEMM (bias in its epilogue) writes straight into the contiguous [n, H, D] slot
