@@ -497,14 +497,15 @@ def calibrate_command(profile, kind: str) -> str:
     return f"sdvg-rt calibrate prompts.txt{where} --part {kind}"
 
 
-def apply_quantization(prof, dev: torch.device, dits: dict) -> None:
+def apply_quantization(prof, dev: torch.device, dits: dict, check_device: bool = True) -> None:
     """The profile's ``quantization`` section at load: each DiT marked fp8 is quantized with the scales
-    calibrated for its checkpoint (``scales_path``), or a typed error says how to make them."""
+    calibrated for its checkpoint (``scales_path``), or a typed error says how to make them.
+    ``check_device=False`` for ONNX export (the graph's GPU is the engine builder's)."""
     q = prof.quantization
     for kind, model in dits.items():
         if getattr(q, kind) != "fp8":
             continue
-        if dev.type == "cuda" and not fp8_supported(dev):
+        if check_device and dev.type == "cuda" and not fp8_supported(dev):
             cc = ".".join(map(str, torch.cuda.get_device_capability(dev)))
             raise BackendUnavailableError(
                 f"quantization.{kind}: fp8 needs a GPU of compute capability >= 8.9 (this one is {cc}); set "
