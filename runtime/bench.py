@@ -390,6 +390,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "side by side (sdvg_rt.bench_fp8)")
     p.add_argument("--calib-blocks", type=int, default=2, help="fp8: blocks of calibration on the random weights")
     p.add_argument("--fp8-weight-scaling", choices=("channel", "tensor"), default="channel")
+    p.add_argument("--fp8-cross-kv", action="store_true", help="fp8: the text K/V weights in fp8 too (memory)")
     p.add_argument("--skip-self-check", action="store_true", help="skip the bf16 self-check (faster)")
 
 

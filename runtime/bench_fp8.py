@@ -92,7 +92,7 @@ def calibrate_in_memory(rt, prompt, blocks: int, log=print) -> dict:
     from .models import fp8
 
     model = rt._models["target"]
-    fp8.quantize_dit(model, None, fp8.Fp8Config(0, 0))
+    fp8.quantize_dit(model, None, fp8.Fp8Config(0, 0, cross_kv=True))
     _reset_loop(rt)
     rt.allocate()
     for _ in rt.stream(prompt, mode="target", tau=0.0, seed=11, max_blocks=blocks):
@@ -156,13 +156,13 @@ def run_fp8(rt, device, a, runs, log=print, checkpoint=None) -> dict:
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     calib = PreparedPrompt("calibration", torch.randn(1, cfg.text_len, cfg.text_dim,
                                                       generator=torch.Generator().manual_seed(5)))
-    res = {"calib_blocks": a.calib_blocks, "weight_scaling": a.fp8_weight_scaling}
+    res = {"calib_blocks": a.calib_blocks, "weight_scaling": a.fp8_weight_scaling, "cross_kv": a.fp8_cross_kv}
     target = rt._models["target"]
     res["target_weights_GiB_bf16"] = _model_bytes(target) / 2**30
     log("  fp8: bf16 reference video (target mode, eager)")
     ref = reference_video(rt, prompt)
     amax = calibrate_in_memory(rt, calib, a.calib_blocks, log)
-    fp8.quantize_dit(target, amax, fp8.Fp8Config(weight_scaling=a.fp8_weight_scaling))
+    fp8.quantize_dit(target, amax, fp8.Fp8Config(weight_scaling=a.fp8_weight_scaling, cross_kv=a.fp8_cross_kv))
     _reset_loop(rt)
     res["target_weights_GiB_fp8"] = _model_bytes(target) / 2**30
     res["quantized_blocks"] = sum(isinstance(b.ffn[0], fp8.Fp8Linear) for b in target.blocks)

@@ -112,6 +112,7 @@ class Quantization:
     keep_first: int = 1  # transformer blocks kept in bf16 at the start and the end of the stack
     keep_last: int = 1
     weight_scaling: str = "channel"  # fp8 weight scales per output channel | per tensor
+    cross_kv: bool = False  # also the cross-attention K/V weights in fp8 (once per prompt: saves memory only)
 
 
 @dataclass(frozen=True)

@@ -108,12 +108,15 @@ def test_quantized_dit_close_to_its_reference_and_keeps_bf16_layers():
     cfg = m.cfg
     x, t = torch.randn(1, 16, 3, 8, 8), torch.full((3,), 600.0)
     with torch.no_grad():
-        ctx = ref.prepare_context(torch.randn(1, cfg.text_len, cfg.text_dim))
+        ctx_in = torch.randn(1, cfg.text_len, cfg.text_dim)
+        ctx = ref.prepare_context(ctx_in)
         y_ref = ref.forward_full(x, t, ctx)
-        fp8.quantize_dit(m, None, fp8.Fp8Config(0, 0))
+        fp8.quantize_dit(m, None, fp8.Fp8Config(0, 0, cross_kv=True))
+        ctx_obs = m.prepare_context(ctx_in)
+        assert torch.equal(ctx_obs, ctx)
         assert torch.equal(m.forward_full(x, t, ctx), y_ref)  # observing changes nothing
         amax = fp8.collect_amax(m)
-        assert sorted(amax) == sorted(n for i in range(cfg.num_layers) for n in fp8.layer_names(i))
+        assert sorted(amax) == sorted(n for i in range(cfg.num_layers) for n in fp8.layer_names(i, True))
         fp8.quantize_dit(m, amax)  # keep the first and the last block in bf16 (defaults)
         y = m.forward_full(x, t, ctx)
     kinds = [type(b.ffn[0]).__name__ for b in m.blocks]
@@ -123,6 +126,14 @@ def test_quantized_dit_close_to_its_reference_and_keeps_bf16_layers():
     assert m.blocks[0].fp8_out[2] is m.blocks[1].self_attn.qk_fp8.input_scale  # block 0 emits block 1's input
     rel = float((y - y_ref).norm() / y_ref.norm())
     assert 0 < rel < 0.05, rel
+    # the text K/V in fp8 as well (memory): same scales file, close to the bf16 context
+    with torch.no_grad():
+        m2 = copy.deepcopy(ref)
+        fp8.quantize_dit(m2, amax, fp8.Fp8Config(cross_kv=True))
+        assert isinstance(m2.blocks[1].cross_attn.k, fp8.Fp8Linear)
+        assert isinstance(m2.blocks[0].cross_attn.k, torch.nn.Linear)
+        ctx8 = m2.prepare_context(ctx_in)
+    assert 0 < float((ctx8 - ctx).norm() / ctx.norm()) < 0.05
 
 
 def test_calibrate_command_then_fp8_runtime(tiny_copy, tmp_path):
@@ -136,7 +147,7 @@ def test_calibrate_command_then_fp8_runtime(tiny_copy, tmp_path):
         md, keys = f.metadata(), list(f.keys())
     assert md["checkpoint_sha256"] == fp8.checkpoint_sha256(prof.checkpoints.target)
     assert md["format"] == fp8.FORMAT and md["blocks"] == "2" and md["prompts"] == "2" and len(md["scales_sha256"]) == 64
-    assert len(keys) == 3 * 6  # every block of tiny-target observed
+    assert len(keys) == 3 * 7  # every block of tiny-target observed, text K/V included
     bf = sdvg_rt.Runtime.from_profile(prof, "cpu").generate("a cat on the moon", mode="target")
     rt = sdvg_rt.Runtime.from_profile(prof.replace(quantization__target="fp8"), "cpu")
     assert isinstance(rt._models["target"].blocks[1].ffn[2], fp8.Fp8Linear)

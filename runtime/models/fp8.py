@@ -19,7 +19,8 @@ global changes):
 Per block the quantized GEMMs are q/k (one fused GEMM) and v (sharing one input scale), the self-attention
 output, the cross-attention q and output and both FFN GEMMs. Always bf16: the patch embedding, the time and
 text embeddings, the modulation, the head and the cross-attention K/V (they run once per prompt); by default
-also the first and the last transformer block (``keep_first``/``keep_last``). The KV cache stays bf16.
+also the first and the last transformer block (``keep_first``/``keep_last``); the text K/V weights can be
+stored in fp8 too (``cross_kv``: memory only, they run once per prompt). The KV cache stays bf16.
 
 Where fp8 GEMMs cannot run (CPU, tracing) the layer computes the **dequantized reference**: the same fp8
 values times the same scales in fp32, so the CPU tests check the maths the GPU runs. ``observe=True``
@@ -56,6 +57,7 @@ class Fp8Config:
     keep_first: int = 1  # transformer blocks kept in bf16 at the start ...
     keep_last: int = 1  # ... and at the end
     weight_scaling: str = "channel"  # per output channel (rowwise GEMM) or per tensor (tensorwise GEMM)
+    cross_kv: bool = False  # also the cross-attention K/V projections (once per prompt: memory, not speed)
 
     def quantized_blocks(self, num_layers: int) -> list[int]:
         return [i for i in range(num_layers) if self.keep_first <= i < num_layers - self.keep_last]
@@ -311,10 +313,11 @@ def ffn(seq: nn.Sequential, x) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Applying it to a WanDiT
 
-def layer_names(i: int) -> list[str]:
-    """The calibrated inputs of block i (q/k and v share one input: ``qkv``)."""
+def layer_names(i: int, cross_kv: bool = False) -> list[str]:
+    """The calibrated inputs of block i (q/k and v share one input: ``qkv``; the text K/V: ``cross_attn.kv``)."""
     p = f"blocks.{i}."
-    return [p + n for n in ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")]
+    names = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")
+    return [p + n for n in names + (("cross_attn.kv",) if cross_kv else ())]
 
 
 def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
@@ -325,7 +328,7 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
     blocks = cfg.quantized_blocks(len(model.blocks))
     observe = amax is None
     if not observe:
-        missing = [n for i in blocks for n in layer_names(i) if n not in amax]
+        missing = [n for i in blocks for n in layer_names(i, cfg.cross_kv) if n not in amax]
         if missing:
             raise KeyError(missing[0])
 
@@ -359,6 +362,11 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
             ca.o = make(ca.o, p + "cross_attn.o")
             b.ffn[0] = make(b.ffn[0], p + "ffn.0")
             b.ffn[2] = make(b.ffn[2], p + "ffn.2")
+            if cfg.cross_kv:  # one input (the text embedding), one scale
+                s_kv = scale(p + "cross_attn.kv")
+                ca.k, ca.v = make(ca.k, None, s_kv), make(ca.v, None, s_kv)
+            elif isinstance(ca.k, Fp8Linear):  # observed for calibration, kept bf16 now
+                ca.k, ca.v = _plain(ca.k), _plain(ca.v)
         for i, b in enumerate(model.blocks):  # blocks observed earlier but kept in bf16: plain layers again
             if i not in blocks and b.self_attn._modules.get("qk_fp8") is not None:
                 _restore_bf16(b)
@@ -380,14 +388,17 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
     return model
 
 
+def _plain(obs, w=None, b=None) -> nn.Linear:
+    """An ``nn.Linear`` sharing an observer's bf16 weight and bias (or ``w``, ``b``): no copies."""
+    w, b = (obs.weight, obs.bias) if w is None else (w, b)
+    lin = nn.Linear(w.shape[1], w.shape[0], device="meta")
+    lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+    return lin
+
+
 def _restore_bf16(block) -> None:
     """An observed block back to ``nn.Linear`` layers sharing the observers' bf16 weights (no copies)."""
-    def linear(obs, w=None, b=None):
-        w, b = (obs.weight, obs.bias) if w is None else (w, b)
-        lin = nn.Linear(w.shape[1], w.shape[0], device="meta")
-        lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
-        return lin
-
+    linear = _plain
     sa, ca = block.self_attn, block.cross_attn
     qk = sa._modules.pop("qk_fp8")
     d = qk.out_features // 2
@@ -395,6 +406,8 @@ def _restore_bf16(block) -> None:
     sa.qk_weight, sa.qk_bias = qk.weight.data, qk.bias.data  # fuse_qk's form: q and k are views of these
     sa.v, sa.o, ca.q, ca.o = linear(sa.v), linear(sa.o), linear(ca.q), linear(ca.o)
     block.ffn[0], block.ffn[2] = linear(block.ffn[0]), linear(block.ffn[2])
+    if isinstance(ca.k, Fp8Linear):
+        ca.k, ca.v = linear(ca.k), linear(ca.v)
 
 
 def collect_amax(model) -> dict[str, torch.Tensor]:
@@ -410,6 +423,8 @@ def collect_amax(model) -> dict[str, torch.Tensor]:
         out[p + "self_attn.qkv"] = torch.maximum(sa.qk_fp8.amax, sa.v.amax).reshape(1).float().cpu()
         for k, m in mods.items():
             out[p + k] = m.amax.reshape(1).float().cpu()
+        if isinstance(b.cross_attn.k, Fp8Linear):
+            out[p + "cross_attn.kv"] = torch.maximum(b.cross_attn.k.amax, b.cross_attn.v.amax).reshape(1).float().cpu()
     return out
 
 
@@ -512,7 +527,7 @@ def apply_quantization(prof, dev: torch.device, dits: dict, check_device: bool =
                 f"quantization.{kind}: bf16")
         ck = getattr(prof.checkpoints, kind)
         amax = load_scales(scales_path(ck), checkpoint_sha256(ck), calibrate_command(prof, kind))
-        cfg = Fp8Config(q.keep_first, q.keep_last, q.weight_scaling)
+        cfg = Fp8Config(q.keep_first, q.keep_last, q.weight_scaling, q.cross_kv)
         try:
             quantize_dit(model, amax, cfg)
         except KeyError as e:
@@ -537,7 +552,7 @@ def calibrate(prof, prompts: list[str], part: str = "target", blocks: int | None
         encoded = rt.encode_prompts(prompts)
         rt.release_text_encoder()
         model = rt._models[part]
-        quantize_dit(model, None, Fp8Config(0, 0))  # observe every block (any keep_first/keep_last later)
+        quantize_dit(model, None, Fp8Config(0, 0, cross_kv=True))  # observe everything any setting quantizes
         rt.allocate()
         n = prof.video.num_blocks if blocks is None else max(1, min(blocks, prof.video.num_blocks))
         for i, p in enumerate(encoded):
