@@ -247,7 +247,11 @@ def load_part(prof: Profile, part: str, device: torch.device):
     if part in ("drafter", "target"):
         from sdvg_rt.checkpoints.wan_dit import load_dit
 
-        return load_dit(getattr(ck, part), device, DTYPES[prof.precision], expect=getattr(prof.models, part)).eval()
+        model = load_dit(getattr(ck, part), device, DTYPES[prof.precision], expect=getattr(prof.models, part)).eval()
+        from sdvg_rt.models.fp8 import apply_quantization  # quantization: fp8 -> Q/DQ nodes in the graph
+
+        apply_quantization(prof, device, {part: model}, check_device=False)
+        return model
     if part == "vae":
         from sdvg_rt.checkpoints.wan_vae import load_vae_decoder
 

@@ -71,6 +71,8 @@ class Runtime:
     def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float):
         self.profile, self.device = profile, device
         backends.configure(profile, models, device)  # the torch fast path, before prompts are encoded
+        from .models.fp8 import apply_quantization  # quantization section: fp8 DiT linears (after the fast path's
+        apply_quantization(profile, torch.device(device), {k: models[k] for k in ("drafter", "target") if k in models})
         self.dtype = DTYPES[profile.precision]
         self.models = models  # the torch modules by part (drafter, target, vae, scorer, scorer_tokenizer)
         self.text_encoder = text_encoder

@@ -179,8 +179,9 @@ def _median_ms(fn, device, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def bench_components(rt, device, repeats: int, log=print) -> dict:
-    """Median ms of each component at the mean context of the video (block n//2) and its floor."""
+def bench_components(rt, device, repeats: int, log=print, kinds=("drafter", "target")) -> dict:
+    """Median ms of each component at the mean context of the video (block n//2) and its floor (``kinds``:
+    the DiTs to time; the VAE and the scorer only with both)."""
     from .floor import FloorProbe
     from .loop import PreparedPrompt
     loop, prof = rt.loop, rt.profile
@@ -191,7 +192,7 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     loop.prepare(prompt, seed=0)
     out = {}
-    for kind in ("drafter", "target"):
+    for kind in kinds:
         den = getattr(loop, kind)
         for b in range(mid + 1):  # fill the cache up to the measured block (and capture its graphs)
             x = den.denoise_block(b)
@@ -213,6 +214,8 @@ def bench_components(rt, device, repeats: int, log=print) -> dict:
             out[f"{kind}_block_ratio"] = out[f"{kind}_block_ms"] / out[f"{kind}_block_floor_ms"]
             out[f"{kind}_commit_ratio"] = out[f"{kind}_commit_ms"] / out[f"{kind}_commit_floor_ms"]
         log(f"  {kind}: block {out[f'{kind}_block_ms']:.1f} ms, commit {out[f'{kind}_commit_ms']:.1f} ms")
+    if tuple(kinds) != ("drafter", "target"):
+        return out
     dec = loop.decoder
     z = loop.drafter.out
     dec.decode_commit(z, 0)
@@ -449,6 +452,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="target,draft,sdvg")
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--attention", default=None, help="override performance.attention (auto, fa4, cudnn, ...)")
+    p.add_argument("--quantization", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: after the bf16 rows, calibrate, quantize the target and report fp8 rows and accuracy "
+                        "side by side (sdvg_rt.bench_fp8)")
+    p.add_argument("--calib-blocks", type=int, default=2, help="fp8: blocks of calibration on the random weights")
+    p.add_argument("--fp8-weight-scaling", choices=("channel", "tensor"), default="channel")
+    p.add_argument("--fp8-cross-kv", action="store_true", help="fp8: the text K/V weights in fp8 too (memory)")
+    p.add_argument("--skip-self-check", action="store_true", help="skip the bf16 self-check (faster)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -467,7 +477,7 @@ def run(a: argparse.Namespace) -> int:
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention,
            "attention_impl": impl}
-    res["self_check"] = self_check(rt, dev)
+    res["self_check"] = None if a.skip_self_check else self_check(rt, dev)
     res["components"] = bench_components(rt, dev, a.repeats)
     runs = []
     for m in a.modes.split(","):
@@ -478,13 +488,27 @@ def run(a: argparse.Namespace) -> int:
     res["e2e"] = bench_e2e(rt, dev, runs)
     if dev.type == "cuda":
         res["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if a.quantization == "fp8":  # the same run on, with the target in fp8
+        from . import bench_fp8
+
+        def partial(fp8_res):
+            if a.json:
+                atomic_write_json(a.json, {**res, "fp8": fp8_res, "partial": True})
+
+        print(markdown(res), flush=True)
+        res["fp8"] = bench_fp8.run_fp8(rt, dev, a, runs, checkpoint=partial)
     md = markdown(res)
+    if "fp8" in res:
+        from .bench_fp8 import markdown as fp8_markdown
+
+        md += "\n" + fp8_markdown(res["fp8"], res["components"], res["e2e"])
     print(md)
     if a.json:
         atomic_write_json(a.json, res)
-    sc = res["self_check"]
-    if sc["graph_check"] == "run" and not (sc["latents_equal"] and sc["frames_equal"]
-                                           and sc["sync_check"] == "passed"):
+    checks = [res["self_check"], res.get("fp8", {}).get("self_check")]
+    if any(sc is not None and sc.get("graph_check", "run") == "run"
+           and not (sc["latents_equal"] and sc["frames_equal"] and sc.get("sync_check", "passed") == "passed")
+           for sc in checks):
         print("SELF-CHECK FAILED: CUDA-graph replay differs from eager execution, or the block loop synced "
               "outside its named sync (see the table above)", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
-"""The ``sdvg-rt`` command: ``run`` (one video per prompt line) and ``info`` (versions, devices, backends,
-profile and checkpoint status). Errors print one paragraph and exit with ``SdvgError.exit_code``.
+"""The ``sdvg-rt`` command: ``run`` (one video per prompt line), ``calibrate`` (fp8 activation scales) and
+``info`` (versions, devices, backends, profile and checkpoint status). Errors print one paragraph and exit
+with ``SdvgError.exit_code``.
 
     sdvg-rt run prompts.txt --profile profiles/paper-832x480.yaml --out outputs/ --tau -0.7
     sdvg-rt run prompts.txt                 # no --profile: the tiny synthetic demo (random weights)
     sdvg-rt info --profile profiles/paper-832x480.yaml
+    sdvg-rt calibrate prompts.txt --profile profiles/paper-832x480.yaml --blocks 3   # then quantization.target: fp8
 
 A ``bench`` subcommand plugs in from ``sdvg_rt.bench`` when that module exists: it must define
 ``add_parser(subparsers)`` returning an argparse parser whose ``func(args) -> int`` runs it.
@@ -225,6 +227,17 @@ def _seed(text: str) -> int:
     return v
 
 
+def cmd_calibrate(args) -> int:
+    from .models.fp8 import calibrate
+    from .profiles import load_profile
+
+    prompts = [text for _, text in read_prompts(args.prompts)[0]]
+    prof = load_profile(args.profile) if args.profile else _demo_profile({})
+    calibrate(prof, prompts, args.part, args.blocks, args.device,
+              log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .decide import MODES
 
@@ -249,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ray_arguments(r)  # --ray [ADDRESS]: the prompts on a Ray cluster (sdvg_rt.scaleout)
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser("calibrate", help="fp8 activation scales of a DiT (profile field quantization)",
+                       description="Run the bf16 DiT over the prompts (all steps; --blocks blocks) and write "
+                                   "each quantized GEMM input's amax next to its checkpoint.")
+    c.add_argument("prompts", help="UTF-8 text file, one prompt per line (a few varied prompts suffice)")
+    c.add_argument("--profile", help="profile YAML (default: the tiny synthetic demo)")
+    c.add_argument("--part", choices=("target", "drafter"), default="target")
+    c.add_argument("--blocks", type=int, default=None, help="blocks per prompt (default: the whole video)")
+    c.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    c.set_defaults(func=cmd_calibrate)
     i = sub.add_parser("info", help="versions, devices, usable backends, profile and checkpoint status")
     i.add_argument("--profile", help="profile YAML (default: the tiny demo profile)")
     i.add_argument("--json", action="store_true", help="machine-readable output")

@@ -333,8 +333,16 @@ def engine_hashes(profile, ios: Mapping[str, EngineIO] | None = None) -> dict[st
     the target does not invalidate the drafter's engines."""
     cfgs = model_configs(profile)
     ios = engine_ios(profile) if ios is None else ios
-    return {name: sha256_json({"config": _jsonable(cfgs[io.part]), "io": io.to_json()})
+    return {name: sha256_json({"config": _jsonable(cfgs[io.part]), "io": io.to_json(), **_fp8(profile, io.part)})
             for name, io in ios.items()}
+
+
+def _fp8(profile, part: str) -> dict:
+    """An fp8 DiT's quantization settings (nothing for bf16: earlier bf16 engine hashes stay valid)."""
+    q = getattr(profile, "quantization", None)
+    if part not in ("drafter", "target") or q is None or getattr(q, part) != "fp8":
+        return {}
+    return {"fp8": {"keep_first": q.keep_first, "keep_last": q.keep_last, "weight_scaling": q.weight_scaling}}
 
 
 def profile_hash(profile) -> str:
@@ -355,10 +363,15 @@ def engine_checkpoints(profile, part: str) -> dict[str, Path]:
         pt, med, _ = resolve_paths(ck.scorer)
         return {"scorer": Path(pt), "scorer.med_config": Path(med)}
     path = Path(getattr(ck, part))
+    extra = {}
+    if _fp8(profile, part):  # the calibrated scales are baked into the graph's Q/DQ nodes
+        from .models.fp8 import scales_path
+
+        extra = {f"{part}.fp8_scales": scales_path(path)}
     if path.is_dir():
-        return {f"{part}/{f.relative_to(path)}": f for f in sorted(path.rglob("*"))
-                if f.is_file() and not f.name.startswith(".")}
-    return {part: path}
+        return {**{f"{part}/{f.relative_to(path)}": f for f in sorted(path.rglob("*"))
+                   if f.is_file() and not f.name.startswith(".")}, **extra}
+    return {part: path, **extra}
 
 
 def _jsonable(obj) -> dict:

@@ -23,6 +23,7 @@ from .errors import ProfileError
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("torch", "tensorrt")
 TRT_FLAVOURS = ("auto", "tensorrt", "tensorrt_rtx")  # auto: what is installed and runs on this GPU
+QUANTIZATIONS = ("bf16", "fp8")
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")  # models.attention.NAMES
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
@@ -131,6 +132,18 @@ class Performance:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Linear layers of each DiT: bf16, or fp8 (e4m3, static calibrated scales; ``models.fp8``)."""
+
+    target: str = "bf16"  # bf16 | fp8 (fp8 needs compute capability >= 8.9 and `sdvg-rt calibrate` scales)
+    drafter: str = "bf16"
+    keep_first: int = 1  # transformer blocks kept in bf16 at the start and the end of the stack
+    keep_last: int = 1
+    weight_scaling: str = "channel"  # fp8 weight scales per output channel | per tensor
+    cross_kv: bool = False  # also the cross-attention K/V weights in fp8 (once per prompt: saves memory only)
+
+
+@dataclass(frozen=True)
 class Sampling:
     mode: str = "sdvg"
     tau: float = -0.7
@@ -160,6 +173,7 @@ class Profile:
     scorer_precision: str = "fp32"  # ImageReward: decisions compare its scores with tau
     backends: Backends = Backends()
     performance: Performance = Performance()
+    quantization: Quantization = Quantization()
     sampling: Sampling = Sampling()
     output: Output = Output()
 
@@ -183,6 +197,7 @@ _SECTIONS = {
     "cache": Cache,
     "backends": Backends,
     "performance": Performance,
+    "quantization": Quantization,
     "sampling": Sampling,
     "output": Output,
 }
@@ -348,6 +363,17 @@ def validate(p: Profile) -> None:
         bad("backends.tensorrt", f"must be one of {', '.join(TRT_FLAVOURS)}, got {p.backends.tensorrt!r}")
     if p.performance.attention not in ATTENTION_BACKENDS:
         bad("performance.attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {p.performance.attention!r}")
+    q = p.quantization
+    for k in ("target", "drafter"):
+        if getattr(q, k) not in QUANTIZATIONS:
+            bad(f"quantization.{k}", f"must be one of {', '.join(QUANTIZATIONS)}, got {getattr(q, k)!r}")
+    for k in ("keep_first", "keep_last"):
+        if getattr(q, k) < 0:
+            bad(f"quantization.{k}", f"must be >= 0 (blocks kept in bf16), got {getattr(q, k)}")
+    if q.weight_scaling not in ("channel", "tensor"):
+        bad("quantization.weight_scaling", f"must be channel or tensor, got {q.weight_scaling!r}")
+    if "fp8" in (q.target, q.drafter) and p.precision == "fp16":
+        bad("quantization", "fp8 layers produce the bf16 (or fp32) model dtype; set precision: bf16")
     sm = p.sampling
     if sm.mode not in MODES:
         bad("sampling.mode", f"must be one of {', '.join(MODES)}, got {sm.mode!r}")

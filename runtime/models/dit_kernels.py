@@ -86,9 +86,10 @@ if AVAILABLE:
 
     @triton.jit
     def _residual_ln_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, x_out, h_out,
-                            tpf, gate_stride, shift_stride, scale_stride, dim, eps,
+                            tpf, gate_stride, shift_stride, scale_stride, dim, eps, qs_ptr, rs_out,
                             HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr,
-                            MODULATED: tl.constexpr, BLOCK: tl.constexpr):
+                            MODULATED: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr = False,
+                            ROWSCALE: tl.constexpr = False):
         row = tl.program_id(0).to(tl.int64)
         frame = row // tpf
         offs = tl.arange(0, BLOCK)
@@ -111,7 +112,13 @@ if AVAILABLE:
             sc = tl.load(scale_ptr + frame * scale_stride + offs, mask=m).to(tl.float32)
             sh = tl.load(shift_ptr + frame * shift_stride + offs, mask=m).to(tl.float32)
             h = h * (1.0 + sc) + sh
-        tl.store(h_out + row * dim + offs, h.to(dtype), mask=m)
+        if FP8:  # fp8 hook (models.fp8): h quantized with the static scale of the GEMM it feeds
+            qs = tl.load(qs_ptr)
+            tl.store(h_out + row * dim + offs, tl.clamp(h / qs, -448.0, 448.0).to(h_out.dtype.element_ty), mask=m)
+            if ROWSCALE:
+                tl.store(rs_out + row, qs)
+        else:
+            tl.store(h_out + row * dim + offs, h.to(dtype), mask=m)
 
 
 def _on(device: torch.device):
@@ -167,10 +174,15 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
 
 def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
-                shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float):
+                shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                out_scale: torch.Tensor | None = None, rowwise: bool = False):
     """x, y ``[F, tpf, dim]`` contiguous; gate/shift/scale per frame ``[F, 1, dim]`` (rows may be strided);
     weight/bias ``[dim]``. Returns ``(x + y * gate, LN(x + y * gate) [affine] [* (1 + scale) + shift])``
-    (with ``y`` None: ``(x, LN(x)...)``)."""
+    (with ``y`` None: ``(x, LN(x)...)``).
+
+    fp8 hook (``models.fp8``): with ``out_scale`` (0-dim fp32) the normalised output is written in e4m3 as
+    ``clamp(h / out_scale, +-448)`` and a third value is returned: ``[F*tpf, 1]`` fp32 rows holding
+    ``out_scale`` (the rowwise GEMM's ``scale_a``) when ``rowwise``, else None."""
     Fr, tpf, dim = x.shape
     if not x.is_contiguous():
         raise ValueError(f"residual_ln: x must be contiguous, strides {x.stride()}")
@@ -183,13 +195,15 @@ def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | No
     if y is not None and (tuple(y.shape) != tuple(x.shape) or not y.is_contiguous()):
         raise ValueError(f"residual_ln: y must be contiguous {tuple(x.shape)}, found {tuple(y.shape)} {y.stride()}")
     x_out = torch.empty_like(x) if y is not None else x
-    h = torch.empty_like(x)
+    fp8 = out_scale is not None
+    h = torch.empty_like(x, dtype=torch.float8_e4m3fn) if fp8 else torch.empty_like(x)
+    rs = torch.empty(Fr * tpf, 1, dtype=torch.float32, device=x.device) if fp8 and rowwise else None
     block = triton.next_power_of_2(dim)
     with _on(x.device):
         _residual_ln_kernel[(Fr * tpf,)](
             x, y if y is not None else x, gate if gate is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, shift if shift is not None else x, scale if scale is not None else x,
-            x_out, h, tpf, *strides, dim, eps,
+            x_out, h, tpf, *strides, dim, eps, out_scale if fp8 else x, rs if rs is not None else x,
             HAS_Y=y is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
-            MODULATED=scale is not None, BLOCK=block, num_warps=_num_warps(block))
-    return x_out, h
+            MODULATED=scale is not None, BLOCK=block, FP8=fp8, ROWSCALE=rs is not None, num_warps=_num_warps(block))
+    return (x_out, h, rs) if fp8 else (x_out, h)

@@ -230,11 +230,23 @@ def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Linear, GELU(tanh), Linear. On the CUDA fast path the GELU runs in the first GEMM's cuBLASLt
     epilogue (bias + tanh-GELU applied to the fp32 accumulator before rounding), which saves a pass over
     the 4x-wide activation; elsewhere the plain modules."""
+    if getattr(ffn[0], "fp8", False):  # fp8 hook: a block quantized by models.fp8.quantize_dit
+        from . import fp8
+        return fp8.ffn(ffn, x)
     if not _cuda_fast_path(x):
         return ffn(x)
     x2 = x.reshape(-1, x.shape[-1])
     h = torch._addmm_activation(ffn[0].bias, x2, ffn[0].weight.t(), use_gelu=True)
     return ffn[2](h).view(*x.shape[:-1], -1)
+
+
+def _ln(name: str, out_scale, rowwise: bool, *args):
+    """fp8 hook: the residual/LayerNorm group ``name``; with a static ``out_scale`` (set by
+    ``models.fp8.quantize_dit``) its normalised output comes as the next GEMM's fp8 input."""
+    if out_scale is None:
+        return _ops[name](*args)
+    from . import fp8
+    return fp8.residual_ln(name, out_scale, rowwise, _ops, *args)
 
 
 def _triton_ops() -> dict:
@@ -292,6 +304,11 @@ class _WanAttentionParams(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps)
 
 
+def _qk_fp8(attn):
+    """fp8 hook: the fused q/k ``Fp8Linear`` of a block quantized by ``models.fp8`` (q and k are then None)."""
+    return attn._modules.get("qk_fp8")
+
+
 class WanSelfAttention(_WanAttentionParams):
     """Self-attention over the block's tokens and the KV cache."""
 
@@ -299,7 +316,7 @@ class WanSelfAttention(_WanAttentionParams):
         """Make the q and k weights and biases views into one [2*dim, dim] / [2*dim] tensor (no extra
         memory), so their projection is one GEMM. Parameter names (checkpoint keys) are unchanged. (v keeps
         its own GEMM: on the cached path it writes straight into the cache slots.)"""
-        if self._qk_fused():
+        if _qk_fp8(self) is not None or self._qk_fused():
             return
         with torch.no_grad():
             w = torch.cat([self.q.weight, self.k.weight])
@@ -323,6 +340,8 @@ class WanSelfAttention(_WanAttentionParams):
 
     def project_qk(self, x: torch.Tensor):
         """q, k ``[n, dim]``: one GEMM while ``fuse_qk``'s fused tensors are current, else two."""
+        if _qk_fp8(self) is not None:  # fp8 hook
+            return self.qk_fp8(x).chunk(2, dim=-1)
         if self._qk_fused():
             return F.linear(x, self.qk_weight, self.qk_bias).chunk(2, dim=-1)
         return self.q(x), self.k(x)
@@ -352,7 +371,10 @@ class WanSelfAttention(_WanAttentionParams):
         q = _ops["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
                                 self.num_heads, kv_layer, write_start)
         v_slot = kv_layer[1, write_start:write_start + n]
-        if _cuda_fast_path(x):
+        if getattr(self.v, "fp8", False) and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # fp8 hook: the fp8 GEMM writes the value slots too
+            self.v(x, out=v_slot.view(n, -1))
+        elif _cuda_fast_path(x):
             # the GEMM (bias in its epilogue) writes straight into the contiguous [n, H, D] slot
             torch.addmm(self.v.bias, x, self.v.weight.t(), out=v_slot.view(n, -1))
         else:
@@ -379,6 +401,11 @@ class WanCrossAttention(_WanAttentionParams):
 # Block and head
 
 class WanAttentionBlock(nn.Module):
+    # fp8 hook (models.fp8.quantize_dit): static scales of the GEMM inputs this block's kernels produce
+    # (norm3 -> cross-attention q, norm2 -> FFN, last norm -> next block's q/k/v); None: bf16
+    fp8_out = (None, None, None)
+    fp8_rowwise = True
+
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
         dim = cfg.dim
@@ -404,14 +431,16 @@ class WanAttentionBlock(nn.Module):
         _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
         # 1. self-attention
         y = self.self_attn(h.view(Fr * tpf, dim), rope, kv_layer, write_start, read_end, mask)
-        x, h = _ops["gated_add_ln"](x, y.view(Fr, tpf, dim), gate_msa, self.norm3.weight, self.norm3.bias,
-                                    self.norm3.eps)
+        s3, s2, s_next = self.fp8_out
+        x, h = _ln("gated_add_ln", s3, self.fp8_rowwise, x, y.view(Fr, tpf, dim), gate_msa, self.norm3.weight,
+                   self.norm3.bias, self.norm3.eps)
         # 2. cross-attention on norm3(x) (affine LayerNorm; no modulation, no gate); then norm2 of the
         #    new residual (LayerNorm without affine, modulated) for the feed-forward
         y = self.cross_attn(h.view(Fr * tpf, dim), ctx_kv).view(Fr, tpf, dim)
-        x, h = _ops["add_modulated_ln"](x, y, shift_ffn, scale_ffn, self.eps)
+        x, h = _ln("add_modulated_ln", s2, self.fp8_rowwise, x, y, shift_ffn, scale_ffn, self.eps)
         # 3. feed-forward; its residual fused with the next norm
-        return _ops["gated_add_modulated_ln"](x, _ffn(self.ffn, h), gate_ffn, *next_mod, self.eps)
+        return _ln("gated_add_modulated_ln", s_next, self.fp8_rowwise, x, _ffn(self.ffn, h), gate_ffn, *next_mod,
+                   self.eps)
 
 
 class WanHead(nn.Module):
@@ -434,6 +463,9 @@ class WanHead(nn.Module):
 
 class WanDiT(nn.Module):
     """Wan2.1 DiT with a block-causal KV-cached step (``forward``) and a reference path (``forward_full``)."""
+
+    fp8_in = None  # fp8 hook: static scale of block 0's q/k/v input when block 0 is quantized
+    fp8_rowwise = True
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -500,7 +532,7 @@ class WanDiT(nn.Module):
         layer's (or the head's) normalised input. ``kv_only``: stop once the last layer's K/V are written
         (a commit), return None."""
         mods = [block.modulation_vectors(e0) for block in self.blocks] + [self.head.modulation_vectors(e)]
-        h = _ops["modulated_ln"](z, mods[0][0], mods[0][1], self.cfg.eps)
+        h = _ln("modulated_ln", self.fp8_in, self.fp8_rowwise, z, mods[0][0], mods[0][1], self.cfg.eps)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if kv_only and i == last:
