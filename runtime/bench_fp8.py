@@ -91,7 +91,7 @@ def calibrate_in_memory(rt, prompt, blocks: int, log=print) -> dict:
     """Observe the target's GEMM inputs over ``blocks`` target-mode blocks (every step and commit)."""
     from .models import fp8
 
-    model = rt._models["target"]
+    model = rt.models["target"]
     fp8.quantize_dit(model, None, fp8.Fp8Config(0, 0, cross_kv=True))
     _reset_loop(rt)
     rt.allocate()
@@ -152,12 +152,12 @@ def run_fp8(rt, device, a, runs, log=print, checkpoint=None) -> dict:
     from .models import fp8
 
     checkpoint = checkpoint or (lambda res: None)
-    cfg = rt._models["drafter"].cfg
+    cfg = rt.models["drafter"].cfg
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     calib = PreparedPrompt("calibration", torch.randn(1, cfg.text_len, cfg.text_dim,
                                                       generator=torch.Generator().manual_seed(5)))
     res = {"calib_blocks": a.calib_blocks, "weight_scaling": a.fp8_weight_scaling, "cross_kv": a.fp8_cross_kv}
-    target = rt._models["target"]
+    target = rt.models["target"]
     res["target_weights_GiB_bf16"] = _model_bytes(target) / 2**30
     log("  fp8: bf16 reference video (target mode, eager)")
     ref = reference_video(rt, prompt)

@@ -34,7 +34,7 @@ def tiny_copy(tmp_path_factory):
 
 
 def profile_yaml(folder, root, quant: str = "") -> str:
-    text = ((PROFILES_DIR / "tiny.yaml").read_text().replace("root: ../synthetic/tiny", f"root: {root}")
+    text = ((PROFILES_DIR / "tiny.yaml").read_text().replace("root: cache://synthetic/tiny", f"root: {root}")
             .replace("video: {width: 64, height: 64, latent_frames: 9, frames_per_block: 3}", SMALL)
             .replace("window_frames: 9", "window_frames: 3"))
     assert SMALL in text
@@ -150,8 +150,8 @@ def test_calibrate_command_then_fp8_runtime(tiny_copy, tmp_path):
     assert len(keys) == 3 * 7  # every block of tiny-target observed, text K/V included
     bf = sdvg_rt.Runtime.from_profile(prof, "cpu").generate("a cat on the moon", mode="target")
     rt = sdvg_rt.Runtime.from_profile(prof.replace(quantization__target="fp8"), "cpu")
-    assert isinstance(rt._models["target"].blocks[1].ffn[2], fp8.Fp8Linear)
-    assert not any(isinstance(mod, fp8.Fp8Linear) for mod in rt._models["drafter"].modules())
+    assert isinstance(rt.models["target"].blocks[1].ffn[2], fp8.Fp8Linear)
+    assert not any(isinstance(mod, fp8.Fp8Linear) for mod in rt.models["drafter"].modules())
     q = rt.generate("a cat on the moon", mode="target")
     rel = float((q.latents - bf.latents).norm() / bf.latents.norm())
     assert torch.isfinite(q.latents).all() and 0 < rel < 0.1, rel

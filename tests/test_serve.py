@@ -32,7 +32,7 @@ def small_profile(dirpath: Path, tiny: Path, latent_frames: int = 3) -> Path:
     """The tiny models at 32x32, ``latent_frames`` blocks of one latent frame."""
     prof = dirpath / f"small-{latent_frames}.yaml"
     prof.write_text(DEMO_PROFILE.read_text()
-                    .replace("root: ../synthetic/tiny", f"root: {tiny}")
+                    .replace("root: cache://synthetic/tiny", f"root: {tiny}")
                     .replace("video: {width: 64, height: 64, latent_frames: 9, frames_per_block: 3}",
                              f"video: {{width: 32, height: 32, latent_frames: {latent_frames}, frames_per_block: 1}}")
                     .replace("window_frames: 9", f"window_frames: {latent_frames}"))

@@ -31,7 +31,7 @@ def small(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "sdvg-rt-tiny-set"  # shared with the other test modules
     if not (root / "ImageReward").exists():
         make_synthetic_set(root, "tiny", 0, log=None)
-    text = (profiles.DEMO_PROFILE.read_text().replace("root: ../synthetic/tiny", f"root: {root}")
+    text = (profiles.DEMO_PROFILE.read_text().replace("root: cache://synthetic/tiny", f"root: {root}")
             .replace("video: {width: 64, height: 64, latent_frames: 9, frames_per_block: 3}", SMALL_VIDEO)
             .replace("window_frames: 9", "window_frames: 3"))
     assert SMALL_VIDEO in text

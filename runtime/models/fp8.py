@@ -551,7 +551,7 @@ def calibrate(prof, prompts: list[str], part: str = "target", blocks: int | None
     try:
         encoded = rt.encode_prompts(prompts)
         rt.release_text_encoder()
-        model = rt._models[part]
+        model = rt.models[part]
         quantize_dit(model, None, Fp8Config(0, 0, cross_kv=True))  # observe everything any setting quantizes
         rt.allocate()
         n = prof.video.num_blocks if blocks is None else max(1, min(blocks, prof.video.num_blocks))
