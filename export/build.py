@@ -44,7 +44,7 @@ from sdvg_rt.manifest import (
     load_manifest, onnx_files, onnx_stale_reasons, plan_stale_reasons, rebuild_command, sha256_file, write_manifest,
 )
 from sdvg_rt.io_spec import DTYPES
-from sdvg_rt.profiles import ENGINES_DIR, Profile, load_profile
+from sdvg_rt.profiles import ENGINES_DIR, Profile, cache_home, load_profile
 from sdvg_rt.video import atomic_write_bytes
 
 from . import onnx_export
@@ -377,10 +377,10 @@ def parse_compute_capabilities(text: str | None) -> tuple[tuple[int, int], ...] 
 
 
 def ensure_synthetic(prof: Profile, progress: Callable[[str], None]) -> None:
-    """Write a profile's synthetic tiny set if its checkpoints live under ``synthetic/`` and are missing
+    """Write a profile's synthetic tiny set if its checkpoints live under ``cache://synthetic/`` and are missing
     (what ``sdvg-rt run`` does for the tiny demo), so ``make onnx`` / ``make engines`` work on a fresh clone."""
     root = prof.root.resolve() if prof.root else None
-    synth = (REPO_ROOT / "synthetic").resolve()
+    synth = (cache_home() / "synthetic").resolve()
     if root is None or (root != synth and synth not in root.parents):
         return
     paths = [Path(p) for part in io_spec.PARTS for p in io_spec.engine_checkpoints(prof, part).values()]

@@ -17,7 +17,7 @@ import types
 import pytest
 
 from sdvg_rt import io_spec
-from sdvg_rt.profiles import REPO_ROOT, load_profile
+from sdvg_rt.profiles import ENGINES_DIR, PROFILES_DIR, load_profile
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install 'sdvg-rt[trt-rtx]') builds on CPU")
 if not hasattr(trt, "Builder"):
@@ -27,8 +27,8 @@ from sdvg_export import trt_check  # noqa: E402
 
 
 def _folder(profile_file: str):
-    prof = load_profile(REPO_ROOT / "profiles" / profile_file)
-    folder = REPO_ROOT / "engines" / prof.name
+    prof = load_profile(PROFILES_DIR / profile_file)
+    folder = ENGINES_DIR / prof.name
     manifest = folder / "manifest.json"
     built = manifest.is_file() and all(
         (r.get("plan") or {}).get("flavour") == "tensorrt_rtx" for r in json.loads(manifest.read_text())["engines"].values())
@@ -86,7 +86,7 @@ def test_parsed_networks_have_io_specs_io(built):
 
 
 def test_check_network_names_what_differs():
-    prof = load_profile(REPO_ROOT / "profiles" / "tiny.yaml")
+    prof = load_profile(PROFILES_DIR / "tiny.yaml")
     io = io_spec.engine_ios(prof, ["scorer"])["scorer"]
 
     def tensor(name, dtype, shape):
