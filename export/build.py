@@ -421,7 +421,7 @@ def random_part(prof: Profile, part: str, device: torch.device):
     from sdvg_rt.checkpoints.imagereward import UNUSED_KEYS, UNUSED_PREFIXES, synthetic_state_dict
     from sdvg_rt.models.imagereward import ImageReward, ImageRewardConfig
 
-    cfg = ImageRewardConfig.from_name(name)
+    cfg = ImageRewardConfig.preset(name)
     sd = {k: v for k, v in synthetic_state_dict(cfg, 0).items()
           if not (k.startswith(UNUSED_PREFIXES) or k in UNUSED_KEYS)}
     with torch.device("meta"):

@@ -46,7 +46,7 @@ def reference_video(rt, prompt, seed: int = 0) -> dict:
     rt.allocate()
     den = rt.loop.target
     flows = []
-    handle = den.model.register_forward_hook(lambda m, i, o: flows.append(o.float().cpu()))
+    handle = den.step.model.register_forward_hook(lambda m, i, o: flows.append(o.float().cpu()))
     was = den.graphs.enabled
     den.graphs.enabled = False
     try:
