@@ -29,7 +29,8 @@ def _skip_reason():
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = [pytest.mark.slow,  # compiles and links C++ programs against libpython
+              pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
 
 
 def cmake(*args, cwd=None):
