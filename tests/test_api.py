@@ -102,7 +102,8 @@ def test_released_text_encoder(tiny_dir):
     r.close()
 
 
-def test_tensorrt_backend_is_refused_before_loading(tiny_dir):
+def test_tensorrt_backend_is_refused_before_loading(tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # neither flavour usable here
     with pytest.raises(BackendUnavailableError, match="backends.target") as e:
         sdvg_rt.Runtime.from_profile(demo_profile(tiny_dir), "cpu", backends__target="tensorrt")
     assert "backends.target: torch" in str(e.value) and e.value.exit_code == 4

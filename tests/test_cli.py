@@ -124,7 +124,8 @@ def _error(capsys, argv, code, *needles):
     return err
 
 
-def test_bad_inputs_map_to_errors_and_exit_codes(tmp_path, tiny_dir, capsys):
+def test_bad_inputs_map_to_errors_and_exit_codes(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # no TensorRT flavour usable
     prof = small_profile(tmp_path, tiny_dir)
     good = prompts_file(tmp_path, "a cat\n")
     out = str(tmp_path / "out")
@@ -169,6 +170,7 @@ def test_info(tmp_path, tiny_dir, capsys, monkeypatch):
     assert "torch" in out and "backends:" in out and "tensorrt" in out and "checkpoints:" in out
     assert "MISSING" not in out
     # tensorrt detection: a module without Builder (a stub) is not usable; one with Builder is
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # TensorRT-RTX absent
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     assert main(["info", "--profile", str(prof), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
