@@ -26,7 +26,11 @@ pack)
     rm -rf .ferry-trt && mkdir -p .ferry-trt/whl
     tmp=$(mktemp -d)
     python3 -m pip download -q --no-deps "${PLAT[@]}" -d .ferry-trt/whl "tensorrt-rtx-cu13-bindings==$VER" \
-        "tensorrt-rtx-cu13==$VER" "polygraphy==0.53.6"
+        "polygraphy==0.53.6"
+    # the tensorrt_rtx package itself is an sdist (pure Python re-exporting the bindings): carry its folder
+    python3 -m pip download -q --no-deps -d "$tmp/meta" "tensorrt-rtx-cu13==$VER"
+    tar -xzf "$tmp"/meta/tensorrt_rtx_cu13-*.tar.gz -C "$tmp/meta"
+    tar -C "$tmp"/meta/tensorrt_rtx_cu13-*/ -cf .ferry-trt/whl/tensorrt_rtx-pkg.tar tensorrt_rtx
     python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$tmp" "tensorrt-rtx-cu13-libs==$VER"
     python3 -m zipfile -e "$tmp"/tensorrt_rtx_cu13_libs-*.whl "$tmp/x"
     echo "compressing the libraries (xz -9, a few minutes)..."
@@ -47,12 +51,7 @@ install)
     ls .ferry-trt/whl/*.whl >/dev/null || { echo "no .ferry-trt/whl/*.whl: carry .ferry-trt/whl" >&2; exit 2; }
     mkdir -p "$DST/site" && xz -dc "$DST/lib.tar.xz" | tar -xf - -C "$DST/site"
     for w in .ferry-trt/whl/*.whl; do python3 -m zipfile -e "$w" "$DST/site"; done
-    # the meta package tensorrt_rtx only re-exports the bindings: provide it from them
-    if [ ! -d "$DST/site/tensorrt_rtx" ]; then
-        mkdir -p "$DST/site/tensorrt_rtx"
-        printf 'from tensorrt_rtx_bindings import *  # noqa\nfrom tensorrt_rtx_bindings import __version__  # noqa\n' \
-            > "$DST/site/tensorrt_rtx/__init__.py"
-    fi
+    tar -xf .ferry-trt/whl/tensorrt_rtx-pkg.tar -C "$DST/site"
     PYTHONPATH="$DST/site${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
         "import tensorrt_rtx as t; assert hasattr(t, 'Builder'); print('tensorrt_rtx', t.__version__)"
     du -sh "$DST/site"
