@@ -1,5 +1,5 @@
 """Video jobs on a pool of Runtimes (one per device): a bounded queue, worker threads, cancellation between
-blocks, and the same output files as ``sdvg-rt run`` (``<out>/<job id>/000-<slug>.mp4`` and ``.json``).
+blocks, and the same output files as ``sdvg-rt run`` (``<out>/<job id>/000-<slug>-<hash>.mp4`` and ``.json``).
 
     svc = JobService(profile, out_dir, devices=["cpu"], queue_size=16)
     svc.start()                                  # loads and warms every Runtime, then starts the workers

@@ -283,7 +283,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile YAML (default: the tiny synthetic demo)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--out", default="outputs/serve", help="output folder: <out>/<job id>/000-<slug>.mp4 and .json")
+    p.add_argument("--out", default="outputs/serve", help="output folder: <out>/<job id>/000-<slug>-<hash>.mp4 and .json")
     p.add_argument("--devices", help="comma-separated devices, one Runtime each (default: every CUDA "
                                      "device, else cpu)")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait (429 beyond; default 16)")

@@ -100,22 +100,22 @@ def test_fa4_dispatch_conditions_on_tensors_that_take_the_gpu_branch(monkeypatch
     fp32 calls stay on SDPA and honour the mask."""
     calls = []
     _fake_fa4(monkeypatch, calls)
-    attn_mod.set_attention_backend("fa4")
+    attn = attn_mod.Attention("fa4")
     g = torch.Generator().manual_seed(5)
     for dtype in (torch.bfloat16, torch.float16):
         q, k, v = (torch.randn(L, 2, 16, generator=g).to(dtype).as_subclass(_OnCuda) for L in (5, 7, 7))
         assert q.is_cuda
-        attn_mod.attention(q, k, v)
+        attn(q, k, v)
         assert len(calls) == 1, dtype
         calls.clear()
         mask = torch.rand(5, 7, generator=g) > 0.5
         mask[:, 0] = True
-        out = attn_mod.attention(q, k, v, mask)
+        out = attn(q, k, v, mask)
         assert calls == [], f"a masked {dtype} call reached FlashAttention-4 (it takes no mask)"
         f = [t.float().as_subclass(torch.Tensor) for t in (q, k, v)]
         s = torch.einsum("qhd,khd->hqk", f[0], f[1]) / 4.0
         ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, -torch.inf).softmax(-1), f[2])
         torch.testing.assert_close(out.float().as_subclass(torch.Tensor), ref, rtol=2e-2, atol=2e-2)
     q32 = torch.randn(5, 2, 16, generator=g).as_subclass(_OnCuda)
-    attn_mod.attention(q32, q32, q32)
+    attn(q32, q32, q32)
     assert calls == [], "an fp32 call reached FlashAttention-4 (bf16/fp16 only)"

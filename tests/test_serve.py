@@ -111,7 +111,10 @@ def test_job_matches_sdvg_rt_run_byte_for_byte(server, profile, tmp_path):
     prompts.write_text("a red fox running through fresh snow\n")
     assert cli_main(["run", str(prompts), "--profile", str(profile), "--out", str(tmp_path / "run"),
                      "--seed", "5", "--tau", "-2", "--device", "cpu", "--quiet"]) == 0
-    ran = tmp_path / "run" / "000-a-red-fox-running-through-fresh-snow.mp4"
+    from sdvg_rt.batch import output_stem
+
+    stem = output_stem(0, "a red fox running through fresh snow", 1)  # the name sdvg-rt run gives it
+    ran = tmp_path / "run" / f"{stem}.mp4"
     assert mp4.content == ran.read_bytes()
     # the streamed raw frames are the runtime's frames, exactly
     from sdvg_rt import Runtime
@@ -119,7 +122,7 @@ def test_job_matches_sdvg_rt_run_byte_for_byte(server, profile, tmp_path):
     with Runtime.from_profile(profile, "cpu") as rt:
         want = rt.generate("a red fox running through fresh snow", seed=5, tau=-2.0).frames
     np.testing.assert_array_equal(np.concatenate([a for _, a in blocks]), want)
-    served_json = server["out"] / job / "000-a-red-fox-running-through-fresh-snow.json"
+    served_json = server["out"] / job / f"{stem}.json"
     a, b = json.loads(served_json.read_text()), json.loads(ran.with_suffix(".json").read_text())
     assert a["job"] == job and a["video"] == b["video"]
     assert [x["decision"] for x in a["blocks"]] == [x["decision"] for x in b["blocks"]]
