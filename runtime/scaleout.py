@@ -286,8 +286,9 @@ class RunJob:
                                    prof.output.preset) as writer:
             for blk in rt.stream(self.encoded[unit["prompt"]]):
                 writer.write(blk.frames)
-        stats = dict(rt.last_stats, video=unit["video"], index=unit["index"], line=unit["line"],
-                     provenance=unit["provenance"])
+        stats = dict(rt.last_stats, video=unit["video"], index=unit["index"], line=unit["line"])
+        if "provenance" in unit:  # what made it (sdvg-rt run's resume check: batch.plan)
+            stats["provenance"] = unit["provenance"]
         if self.save_latents:
             from safetensors.torch import save
 

@@ -223,7 +223,7 @@ def test_kill9_then_rerun_sweeps_the_temp_file_and_finishes(tmp_path, tiny_dir):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_end_the_run_like_ctrl_c(sig, tmp_path, tiny_dir):
     prof = small_profile(tmp_path, tiny_dir)
-    prompts = prompts_file(tmp_path, "a cat\n")
+    prompts = prompts_file(tmp_path, "".join(f"a cat number {i}\n" for i in range(6)))  # outlasts the signal
     out = tmp_path / "out"
     proc = _start(prompts, prof, out)
     _wait_for_temp(proc, out)
@@ -231,7 +231,9 @@ def test_sigterm_and_sighup_end_the_run_like_ctrl_c(sig, tmp_path, tiny_dir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     assert f"interrupted ({signal.Signals(sig).name})" in err and "Traceback" not in err
-    assert _temps(out) == [] and not list(out.glob("*.json"))  # abandoned cleanly, nothing marked done
+    done = [p for p in out.glob("*.json") if p.name != "summary.json"]
+    assert _temps(out) == [] and len(done) < 6  # abandoned cleanly: the interrupted video is not marked done
+    assert all(p.with_suffix(".mp4").is_file() for p in done)  # a record only beside its finished video
 
 
 # ---- a wheel, installed, run in an empty folder ---------------------------------------------------------------

@@ -99,10 +99,13 @@ def test_actor_killed_mid_way(cluster, small, local_run, tmp_path):
 
     out = tmp_path / "ray-kill"
     out.mkdir()
+    from sdvg_rt.batch import plan
+
     prompts, _ = read_prompts(small / "prompts.txt")
-    units = [{"key": f"{output_stem(i, t, len(prompts))}.mp4", "index": i, "line": line, "prompt": t,
-              "video": f"{output_stem(i, t, len(prompts))}.mp4", "record": f"{output_stem(i, t, len(prompts))}.json"}
-             for i, (line, t) in enumerate(prompts)]
+    prof = load_profile(small / "small.yaml")
+    _, todo = plan(prof, prompts, out)  # the entries sdvg-rt run hands to run_on_ray, with their provenance
+    units = [dict(e, key=e["video"]) for e in todo]
+    assert [u["video"] for u in units] == [f"{output_stem(i, t, len(prompts))}.mp4" for i, (_, t) in enumerate(prompts)]
     killed, pids, submitted = [], {}, []
 
     def on_event(kind, info):
@@ -113,7 +116,6 @@ def test_actor_killed_mid_way(cluster, small, local_run, tmp_path):
             if len(submitted) == 3 and not killed:  # the first actor back takes its second prompt: kill it now
                 os.kill(pids[info["index"]], signal.SIGKILL)
                 killed.append(info["unit"]["key"])
-    prof = load_profile(small / "small.yaml")
     make_job = functools.partial(RunJob, prof, str(out), [u["prompt"] for u in units], False)
     rep = execute(units, make_job, use_ray=True, placement=Placement(workers=2, cpus_per_worker=1),
                   on_event=on_event, tick_s=0.2)

@@ -145,8 +145,8 @@ int main(int argc, char** argv) {
   // 4. errors inside a generation: a bad mode from the runtime, an exception from the callback
   sdvg::GenerateOptions bad_mode;
   bad_mode.mode = "fastest";
-  expect_throw<sdvg::Error>([&] { rt->generate(prompts[0], bad_mode, {}); }, 1, "ValueError", "mode must be one of",
-                            "bad mode -> Error, code 1 (ValueError)");
+  expect_throw<sdvg::Error>([&] { rt->generate(prompts[0], bad_mode, {}); }, 2, "ArgumentError", "mode must be one of",
+                            "bad mode -> Error, code 2 (ArgumentError)");
   try {
     rt->generate(prompts[0], {}, [](const sdvg::Block&) { throw std::runtime_error("callback failed"); });
     check(false, "a callback's exception propagates");
