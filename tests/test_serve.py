@@ -23,6 +23,8 @@ from sdvg_rt.jobs import JobService  # noqa: E402
 from sdvg_rt.profiles import DEMO_PROFILE  # noqa: E402
 from sdvg_rt.serve import build_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real server with HTTP and WebSocket clients, and a load test
+
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 QUEUE = 8

@@ -21,6 +21,8 @@ from sdvg_rt.checkpoints.synthetic import make_synthetic_set  # noqa: E402
 
 from test_serve import small_profile  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real server subprocesses
+
 BLOCKS = 30
 
 

@@ -116,6 +116,7 @@ class MeanPixel:
         return {"meanpix": float(frames.mean()) + 1.0}
 
 
+@pytest.mark.slow
 def test_user_metric_and_record_checks(small, tmp_path, monkeypatch):
     qm.register("meanpix", lambda ctx: MeanPixel())
     out = tmp_path / "sw"
