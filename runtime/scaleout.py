@@ -270,8 +270,6 @@ class RunJob:
     def process(self, unit: dict, on_output=None) -> dict:
         import json
 
-        from .video import BackgroundVideoWriter, atomic_write_bytes, atomic_write_json
-
         stem = unit["video"][:-4]
         mp4, rec = self.out / unit["video"], self.out / unit["record"]
         if mp4.exists() and rec.exists():  # handed out again after its worker died: already written
@@ -280,28 +278,13 @@ class RunJob:
         clean_stale([mp4, rec, self.out / f"{stem}.latents.safetensors"])
         if self.rt is None:
             self._load()
-        rt, prof = self.rt, self.profile
-        v = prof.video
-        with BackgroundVideoWriter(mp4, v.width, v.height, prof.output.fps, prof.output.crf,
-                                   prof.output.preset) as writer:
-            for blk in rt.stream(self.encoded[unit["prompt"]]):
-                writer.write(blk.frames)
-        stats = dict(rt.last_stats, video=unit["video"], index=unit["index"], line=unit["line"])
-        if "provenance" in unit:  # what made it (sdvg-rt run's resume check: batch.plan)
-            stats["provenance"] = unit["provenance"]
-        if self.save_latents:
-            from safetensors.torch import save
+        from .batch import _generate_one  # the same per-prompt work as the local run: mp4, then the record
 
-            lat = rt.loop.committed_latents().cpu().contiguous()
-            name = f"{stem}.latents.safetensors"
-            atomic_write_bytes(self.out / name, save({"latents": lat}, metadata={
-                "prompt": unit["prompt"], "seed": str(stats["seed"]), "mode": stats["mode"],
-                "tau": str(stats["tau"]), "layout": "[1, 16, latent_frames, h, w], normalised Wan latents"}))
-            stats["latents"] = name
-        atomic_write_json(rec, stats)
+        _generate_one(self.rt, self.profile, unit, self.encoded[unit["prompt"]], self.out, len(self.prompts),
+                      self.save_latents, False, lambda msg: None)
         if on_output:
             on_output(1)
-        return _run_summary(stats)
+        return _run_summary(json.loads(rec.read_text()))
 
 
 def _run_summary(stats: dict) -> dict:
