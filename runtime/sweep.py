@@ -50,15 +50,14 @@ def setting_name(tau: float) -> str:
 def parse_taus(text: str) -> list[float]:
     import argparse
 
+    from .cli import _tau  # one rule for a tau on the command line (a number, inf or -inf; never nan)
+
     out = []
     for part in text.split(","):
         try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--taus: {part!r} is not a number (give e.g. -1.0,-0.7,0,inf)") from None
-        if math.isnan(v):
-            raise argparse.ArgumentTypeError("--taus: nan is not a threshold")
-        out.append(v)
+            out.append(_tau(part))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"--taus: {e} (give e.g. -1.0,-0.7,0,inf)") from None
     if len({setting_name(t) for t in out}) != len(out):
         raise argparse.ArgumentTypeError(f"--taus: {text!r} repeats a value")
     return out
