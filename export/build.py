@@ -38,13 +38,14 @@ from sdvg_rt import io_spec
 from sdvg_rt.backends.tensorrt_backend import (
     RTX_COMPUTE_CAPABILITIES, RTX_PORTABLE, choose_flavour, engines_folder, tensorrt_module,
 )
+from sdvg_rt.checkpoints.synthetic import ensure_synthetic
 from sdvg_rt.errors import BackendUnavailableError, CheckpointError, OutOfMemoryError
 from sdvg_rt.manifest import (
     HASH_CACHE_NAME, EngineRecord, Expected, HashCache, Manifest, PlanRecord,
     load_manifest, onnx_files, onnx_stale_reasons, plan_stale_reasons, rebuild_command, sha256_file, write_manifest,
 )
 from sdvg_rt.io_spec import DTYPES
-from sdvg_rt.profiles import ENGINES_DIR, Profile, cache_home, load_profile
+from sdvg_rt.profiles import ENGINES_DIR, Profile, load_profile
 from sdvg_rt.video import atomic_write_bytes
 
 from . import onnx_export
@@ -130,7 +131,7 @@ def build(profile: str | Path | Profile, opts: BuildOptions, progress: Callable[
         progress(f"{flavour} {trt_version}, polygraphy {polygraphy.__version__}, {where}")
 
     if not opts.random_weights:
-        ensure_synthetic(prof, progress)
+        ensure_synthetic(prof, progress)  # the tiny profiles on a fresh clone
     ckpts = {name: io_spec.engine_checkpoints(prof, io.part) for name, io in ios.items()}
     if not opts.random_weights:
         for name, roles in ckpts.items():
@@ -374,23 +375,6 @@ def parse_compute_capabilities(text: str | None) -> tuple[tuple[int, int], ...] 
             raise ValueError(f"--compute-capability: {item!r} is not MAJOR.MINOR (e.g. 8.9)")
         out.append((int(m.group(1)), int(m.group(2))))
     return tuple(out)
-
-
-def ensure_synthetic(prof: Profile, progress: Callable[[str], None]) -> None:
-    """Write a profile's synthetic tiny set if its checkpoints live under ``cache://synthetic/`` and are missing
-    (what ``sdvg-rt run`` does for the tiny demo), so ``make onnx`` / ``make engines`` work on a fresh clone."""
-    root = prof.root.resolve() if prof.root else None
-    synth = (cache_home() / "synthetic").resolve()
-    if root is None or (root != synth and synth not in root.parents):
-        return
-    paths = [Path(p) for part in io_spec.PARTS for p in io_spec.engine_checkpoints(prof, part).values()]
-    if all(p.exists() for p in paths):
-        return
-    from sdvg_rt.checkpoints.synthetic import make_synthetic_set
-
-    progress(f"writing the synthetic tiny checkpoints into {root} (missing: "
-             f"{', '.join(str(p.relative_to(root)) for p in paths if not p.exists())})")
-    make_synthetic_set(root, "tiny", 0, log=None)
 
 
 def random_part(prof: Profile, part: str, device: torch.device):

@@ -62,18 +62,12 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[tuple[int, str]], list[i
 # ---- run ---------------------------------------------------------------------------------------------
 def _demo_profile(overrides: dict):
     """The tiny demo profile; creates its synthetic checkpoints on first use."""
+    from .checkpoints.synthetic import ensure_synthetic
     from .profiles import DEMO_PROFILE, load_profile
 
     print(BANNER, file=sys.stderr)
     prof = load_profile(DEMO_PROFILE, **overrides)
-    root = prof.root
-    missing = [f.name for f in _checkpoint_status(prof) if not f.exists]
-    if missing:
-        from .checkpoints.synthetic import make_synthetic_set
-
-        print(f"creating the synthetic tiny checkpoints in {root} (first use; missing: {', '.join(missing)})",
-              file=sys.stderr)
-        make_synthetic_set(root, "tiny", 0, log=None)
+    ensure_synthetic(prof, log=lambda m: print(m, file=sys.stderr), demo=True)
     return prof
 
 
@@ -232,7 +226,13 @@ def cmd_calibrate(args) -> int:
     from .profiles import load_profile
 
     prompts = [text for _, text in read_prompts(args.prompts)[0]]
-    prof = load_profile(args.profile) if args.profile else _demo_profile({})
+    if args.profile:
+        from .checkpoints.synthetic import ensure_synthetic
+
+        prof = load_profile(args.profile)
+        ensure_synthetic(prof, log=lambda m: print(m, file=sys.stderr))  # a tiny profile on a fresh machine
+    else:
+        prof = _demo_profile({})
     calibrate(prof, prompts, args.part, args.blocks, args.device,
               log=lambda m: print(m, file=sys.stderr))
     return 0

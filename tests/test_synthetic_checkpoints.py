@@ -143,3 +143,25 @@ def test_cli_wrapper(tiny_set, capsys):
     assert "already complete" in capsys.readouterr().out
     assert tool.main(["--size", "tiny", "--out", str(root), "--seed", "3"]) == CheckpointError.exit_code
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_ensure_synthetic_writes_only_a_cache_profiles_missing_files(tiny_set, tmp_path, monkeypatch):
+    """The one rule behind `sdvg-rt run`/`calibrate` and `make engines` on a fresh machine: a profile under
+    cache://synthetic/ gets its missing checkpoints written (the same bytes), any other profile is left alone."""
+    from sdvg_rt.checkpoints.synthetic import ensure_synthetic
+    from sdvg_rt.profiles import PROFILES_DIR, demo_profile, load_profile
+
+    monkeypatch.setenv("SDVG_RT_CACHE", str(tmp_path))
+    shutil.copytree(tiny_set[0], tmp_path / "synthetic" / "tiny")
+    prof = load_profile(PROFILES_DIR / "tiny-fp8.yaml")  # its fp8 scales are missing: not a checkpoint
+    vae = Path(prof.checkpoints.vae)
+    assert vae.is_relative_to(tmp_path / "synthetic" / "tiny")
+    before = hashlib.sha256(vae.read_bytes()).hexdigest()
+    lines = []
+    assert ensure_synthetic(prof, log=lines.append) is False and lines == []
+    vae.unlink()
+    assert ensure_synthetic(prof, log=lines.append) is True
+    assert "Wan2.1_VAE.pth" in lines[0] and "fp8" not in lines[0]
+    assert hashlib.sha256(vae.read_bytes()).hexdigest() == before
+    other = demo_profile(tmp_path / "elsewhere")  # a folder of the user's: never written
+    assert ensure_synthetic(other, log=lines.append) is False and not (tmp_path / "elsewhere").exists()

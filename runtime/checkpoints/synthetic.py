@@ -181,3 +181,27 @@ def make_synthetic_set(out: str | os.PathLike, size: str = "tiny", seed: int = 0
     return manifest
 
 
+
+
+def ensure_synthetic(prof, log: Callable[[str], None] | None = print, demo: bool = False) -> bool:
+    """Write ``prof``'s synthetic tiny set if its checkpoints live under ``cache://synthetic/`` (or
+    anywhere, for ``demo``: the demo profile's root is a synthetic set by definition) and some are missing
+    (the tiny profiles on a fresh machine: ``sdvg-rt run``, ``sdvg-rt calibrate``, ``make engines``).
+    Profiles elsewhere are left alone. fp8 scales files are not checkpoints: they come from
+    ``sdvg-rt calibrate``. Returns True if it wrote anything."""
+    from dataclasses import fields
+
+    from ..profiles import cache_home
+
+    root = prof.root.resolve() if prof.root else None
+    synth = (cache_home() / "synthetic").resolve()
+    if root is None or not (demo or root == synth or synth in root.parents):
+        return False
+    paths = [Path(getattr(prof.checkpoints, f.name)) for f in fields(prof.checkpoints)]
+    missing = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths if not p.exists()]
+    if not missing:
+        return False
+    if log:
+        log(f"writing the synthetic tiny checkpoints into {root} (first use; missing: {', '.join(missing)})")
+    make_synthetic_set(root, "tiny", 0, log=None)
+    return True
