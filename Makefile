@@ -17,12 +17,14 @@ test-quick:
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # TensorRT engines (the flavour: the profile's backends.tensorrt, or TRT=tensorrt|tensorrt_rtx; TensorRT-RTX
-# builds without a GPU for SM=8.0,8.6,8.9,12.0 by default). A synthetic tiny set is written if missing.
+# builds without a GPU for SM=8.0,8.6,8.9,12.0 by default; PARTS=target,... for some parts only). A synthetic
+# tiny set is written if missing.
 TRT ?=
 SM ?=
+PARTS ?=
 
 engines:
-	$(PYTHON) -m sdvg_export build --profile $(PROFILE) $(if $(TRT),--tensorrt $(TRT)) $(if $(SM),--compute-capability $(SM))
+	$(PYTHON) -m sdvg_export build --profile $(PROFILE) $(if $(TRT),--tensorrt $(TRT)) $(if $(SM),--compute-capability $(SM)) $(if $(PARTS),--parts $(PARTS))
 
 onnx:
 	$(PYTHON) -m sdvg_export build --profile $(PROFILE) --onnx-only

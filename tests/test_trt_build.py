@@ -2,11 +2,12 @@
 
 TensorRT-RTX's builder parses and builds ahead of time without a GPU (the ``trt-rtx`` extra, which CI
 installs). The engines are the ones ``make engines`` built for ``profiles/tiny.yaml`` and
-``profiles/tiny-bf16.yaml`` (CI runs it before the tests and sets ``SDVG_REQUIRE_ENGINES=1``, which makes
+``profiles/tiny-bf16.yaml``, and the fp8 target of ``profiles/tiny-fp8.yaml`` (CI runs them before the tests and sets ``SDVG_REQUIRE_ENGINES=1``, which makes
 missing engines a failure; elsewhere they are skipped with the command that builds them). Each engine's ONNX graph is parsed again by
 TensorRT-RTX and the network's I/O (names, dtypes, dynamic axes, static sizes) is compared with io_spec;
 the manifest must record the flavour, version, target compute capabilities and io_spec's profile
-ranges, and no build warning that matters.
+ranges, and no build warning that matters. The fp8 target's graph carries the calibrated scales as Q/DQ
+nodes (ModelOpt's form); its engine is built for compute capability 8.9 (the first with FP8 GEMMs).
 """
 from __future__ import annotations
 
@@ -83,6 +84,51 @@ def test_parsed_networks_have_io_specs_io(built):
             assert trt_check.network_io(network)["k_head.0"][1][0] == -1  # P_head is dynamic
         if prof.precision == "bf16" and name == "vae.step":
             assert trt_check.network_io(network)["frames"][0] == "bfloat16"
+
+
+def _fp8_folder():
+    prof, folder = _folder("tiny-fp8.yaml")
+    if folder is None:
+        why = ("build it first: sdvg-rt calibrate tools/demo_prompts.txt --profile profiles/tiny-fp8.yaml --blocks 1 "
+               "--device cpu && make engines PROFILE=profiles/tiny-fp8.yaml TRT=tensorrt_rtx SM=8.9 PARTS=target")
+        if os.environ.get("SDVG_REQUIRE_ENGINES") == "1":
+            pytest.fail(f"no TensorRT-RTX fp8 engine for tiny-fp8.yaml; {why}")
+        pytest.skip(why)
+    return prof, folder, json.loads((folder / "manifest.json").read_text())
+
+
+def test_fp8_target_engine_is_built_from_qdq_with_the_calibrated_scales():
+    import onnx
+
+    from sdvg_rt.manifest import sha256_file
+    from sdvg_rt.models import fp8
+    from sdvg_rt.models.wan_dit import WanDiTConfig
+
+    prof, folder, manifest = _fp8_folder()
+    assert set(manifest["engines"]) == {"target.step", "target.context"}
+    rec = manifest["engines"]["target.step"]
+    # the scales file next to the checkpoint is one of the engine's recorded sources (a new calibration
+    # makes the engine stale); paths from the manifest: the tests' cache folder is not the build's
+    sources = rec["checkpoints"]
+    scales = fp8.scales_path(sources["target"]["path"])
+    assert sources["target.fp8_scales"]["path"] == str(scales)
+    assert sources["target.fp8_scales"]["sha256"] == sha256_file(scales)
+    plan = rec["plan"]
+    assert plan["flavour"] == "tensorrt_rtx" and [tuple(c) for c in plan["targets"]] == [(8, 9)]
+    assert (folder / plan["file"]).stat().st_size == plan["size"] > 0 and plan["build"]["warnings"] == []
+    graph = onnx.load(str(folder / rec["onnx"]), load_external_data=False).graph
+    n_q = sum(n.op_type == "QuantizeLinear" for n in graph.node)
+    layers = WanDiTConfig.from_name(prof.models.target).num_layers
+    blocks = fp8.Fp8Config(prof.quantization.keep_first, prof.quantization.keep_last).quantized_blocks(layers)
+    assert blocks and n_q >= len(blocks) * len(fp8.layer_names(0))  # every quantized GEMM input
+    _b, network, _p = _parse(folder / rec["onnx"])
+    q = [network.get_layer(i) for i in range(network.num_layers)
+         if network.get_layer(i).type in (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)]
+    quant = [(L.get_input(0).dtype, L.get_output(0).dtype) for L in q if L.type == trt.LayerType.QUANTIZE]
+    dequant = [(L.get_input(0).dtype, L.get_output(0).dtype) for L in q if L.type == trt.LayerType.DEQUANTIZE]
+    # bf16 activation -> e4m3 for each GEMM input; e4m3 -> bf16 for each of those and for each fp8 weight
+    assert quant == [(trt.DataType.BF16, trt.DataType.FP8)] * n_q
+    assert dequant == [(trt.DataType.FP8, trt.DataType.BF16)] * (2 * n_q)
 
 
 def test_check_network_names_what_differs():
