@@ -286,7 +286,13 @@ def example_inputs(io: EngineIO, device, dims=None, seed: int = 0, vocab: int | 
 
 def part_graphs(part: str, ios: dict[str, EngineIO], model, *, height: int | None = None,
                 width: int | None = None, convention: str = "reference") -> list[Graph]:
-    """The graphs of ``part`` around its loaded model (already on its device and in its dtype)."""
+    """The graphs of ``part`` around its loaded model (already on its device and in its dtype), which runs
+    its eager elementwise groups (the default of a loaded model: the tracer cannot see into Triton or
+    compiled kernels)."""
+    kernels = getattr(model, "kernels", None)
+    if kernels is not None and not kernels.eager:
+        raise ValueError(f"the {part} model runs {kernels!r}, but the export traces the eager groups: export a "
+                         "model as loaded (without set_kernels), not one configured by a Runtime")
     device = next(model.parameters()).device
     graphs = []
     for name, io in ios.items():
@@ -319,8 +325,8 @@ def export_graph(graph: Graph, path: str | os.PathLike, *, opset: int = OPSET) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     io = graph.io
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp, _symbolics(), _eager(), \
-            torch.no_grad(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp, _symbolics(), torch.no_grad(), \
+            warnings.catch_warnings():
         # the TorchScript exporter is chosen deliberately (module doc); its deprecation notice and the
         # tracer's notes on the models' host-side shape checks are noise here
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -339,24 +345,6 @@ def export_graph(graph: Graph, path: str | os.PathLike, *, opset: int = OPSET) -
     del model
     check_onnx(path, io)
     return path
-
-
-@contextlib.contextmanager
-def _eager():
-    """Trace the eager elementwise groups of the DiT and VAE even if this process turned on their
-    ``torch.compile`` fast path (``compile_elementwise``; the tracer cannot see into compiled code).
-    Restored afterwards."""
-    from sdvg_rt.models import wan_dit, wan_vae
-
-    saved = [(m, dict(m._ops)) for m in (wan_dit, wan_vae) if hasattr(m, "compile_elementwise")]
-    for m, _ in saved:
-        m.compile_elementwise(False)
-    try:
-        yield
-    finally:
-        for m, ops in saved:
-            m._ops.clear()
-            m._ops.update(ops)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,8 @@ class Runtime:
 
     def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float):
         self.profile, self.device = profile, device
-        backends.configure(profile, models, device)  # the torch fast path, before prompts are encoded
+        backends.configure(profile, models, device)  # the torch fast path, held by the models
+        self.math = backends.math_flags(profile)  # TF32 / cuDNN autotuning around the torch parts' calls
         from .models.fp8 import apply_quantization  # quantization section: fp8 DiT linears (after the fast path's
         apply_quantization(profile, torch.device(device), {k: models[k] for k in ("drafter", "target") if k in models})
         self.dtype = DTYPES[profile.precision]
@@ -122,7 +123,8 @@ class Runtime:
                             "release_text_encoder(), or build the Runtime with text_encoder=True")
         if isinstance(prompts, str):
             prompts = [prompts]
-        ctx = self.text_encoder.encode(list(prompts), out_device="cpu")
+        with self.math.scope():
+            ctx = self.text_encoder.encode(list(prompts), out_device="cpu")
         pin = self.device.type == "cuda"
         return [PreparedPrompt(p, c.pin_memory() if pin else c) for p, c in zip(prompts, ctx)]
 

@@ -329,7 +329,7 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
             if hasattr(c, "graphs"):
                 c.graphs.enabled = enabled
         try:
-            with _only_named_syncs(loop, i > 0):
+            with _only_named_syncs(loop) if i > 0 else contextlib.nullcontext():
                 frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=3, max_blocks=blocks,
                                                    decide=decide)]
         except RuntimeError as e:  # an implicit sync inside the block loop
@@ -375,26 +375,22 @@ def self_check(rt, device, blocks: int = 3, log=print) -> dict:
 
 
 @contextlib.contextmanager
-def _only_named_syncs(loop, on: bool):
-    """``torch.cuda.set_sync_debug_mode("error")`` over the block loop, the loop's named ``_sync`` excepted."""
-    if not on:
-        yield
-        return
-    real = loop._sync
+def _only_named_syncs(loop):
+    """``torch.cuda.set_sync_debug_mode("error")`` over the block loop, the loop's named sync excepted."""
 
-    def named():
+    def relaxed(sync):
         torch.cuda.set_sync_debug_mode(0)
         try:
-            real()
+            sync()
         finally:
             torch.cuda.set_sync_debug_mode("error")
-    loop._sync = named
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        del loop._sync
+
+    with loop.sync_hook(relaxed):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 def markdown(res: dict) -> str:

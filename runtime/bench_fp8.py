@@ -126,7 +126,8 @@ def kernel_check_fp8(cfg, device, grid=(3, 30, 52)) -> dict:
         f32 = [t.float() for t in (x, y, gate, shift, scale)]
         xr, hr = wan_dit._gated_add_modulated_ln(*f32, eps)
         s = (hr.abs().amax() / fp8.FP8_MAX).reshape(())
-        xo, act = fp8.residual_ln("gated_add_modulated_ln", s, True, wan_dit._ops, x, y, gate, shift, scale, eps)
+        xo, act = fp8.residual_ln("gated_add_modulated_ln", s, True, wan_dit.DiTKernels().ops, x, y, gate, shift,
+                                  scale, eps)  # on CUDA: the residual_ln kernel (the table is the fallback)
         # the kernel keeps the residual stream in the model dtype (as the bf16 model does) and normalises
         # that: the fp8 codes are compared with torch's rounding of the LayerNorm of the rounded residual
         h_rounded = wan_dit._modulated_ln(xr.to(x.dtype).float(), f32[3], f32[4], eps)

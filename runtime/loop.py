@@ -28,11 +28,11 @@ Noise comes only from the (seed, block, step) stream of each denoiser, so decisi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ class SpeculativeLoop:
         self.timer = Timer(self.device)
         # uint8 quantisation of a block's frames computes here (float32 [frames, H, W, 3]), not in temporaries
         self.frames_levels = torch.zeros(self.max_frames, H, W, 3, dtype=torch.float32, device=device)
+        self._sync_hook: Callable[[Callable[[], None]], None] | None = None  # ``sync_hook``
 
     # ---- per prompt ------------------------------------------------------------------------------
     def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
@@ -125,9 +126,28 @@ class SpeculativeLoop:
         return times
 
     def _sync(self) -> None:
-        """The host sync (named: the one place the loop waits for the device)."""
+        """The host sync (named: the one place the loop waits for the device), through ``sync_hook``'s hook."""
+        if self._sync_hook is None:
+            self._wait()
+        else:
+            self._sync_hook(self._wait)
+
+    def _wait(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    @contextlib.contextmanager
+    def sync_hook(self, hook: Callable[[Callable[[], None]], None]) -> Iterator[None]:
+        """Within: each named host sync of the loop runs as ``hook(sync)``, where ``sync()`` waits for the
+        device (the hook must call it once). E.g. the benchmark relaxes torch's sync debug mode around it, so
+        that any other host sync of the block loop raises."""
+        if self._sync_hook is not None:
+            raise RuntimeError("a sync hook is already set on this loop; hooks do not nest")
+        self._sync_hook = hook
+        try:
+            yield
+        finally:
+            self._sync_hook = None
 
     # ---- one video -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -129,6 +129,7 @@ class Performance:
     attention: str = "auto"  # auto (FlashAttention-4 on Hopper if installed, else cuDNN) | fa4 | cudnn | flash | efficient | math
     cuda_graphs: bool = True  # one graph per (model, block index), VAE decode and scorer
     compile: bool = True  # the elementwise groups as single kernels (DiT: Triton kernels; the rest: torch.compile)
+    tf32: bool = True  # fp32 matmuls and convolutions (the fp32 scorer) on TF32 tensor cores (~1e-3 relative)
 
 
 @dataclass(frozen=True)

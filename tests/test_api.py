@@ -172,26 +172,88 @@ def test_profile_overrides_through_from_profile(tiny_dir):
 
 
 def test_importing_the_library_changes_nothing_process_wide():
-    """The allocator setting belongs to the command-line entry points, not to ``import sdvg_rt``."""
+    """The allocator setting belongs to the command-line entry points, not to ``import sdvg_rt``; torch's
+    math flags and dynamo's configuration are untouched by importing the runtime and its models."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-    code = "import os, sdvg_rt, sdvg_rt.api, sdvg_rt.cli; assert 'PYTORCH_CUDA_ALLOC_CONF' not in os.environ"
+    code = ("import os, torch, torch._dynamo\n"
+            "b = torch.backends\n"
+            "state = lambda: (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark,"
+            " torch._dynamo.config.recompile_limit)\n"
+            "before = state()\n"
+            "import sdvg_rt, sdvg_rt.api, sdvg_rt.cli, sdvg_rt.backends.torch_backend, sdvg_rt.models.wan_dit,"
+            " sdvg_rt.models.wan_vae\n"
+            "assert 'PYTORCH_CUDA_ALLOC_CONF' not in os.environ\n"
+            "assert state() == before, (state(), before)\n")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
-def test_two_runtimes_in_one_process_keep_their_own_attention(tiny_dir, rt):
-    """The performance choices are held by each Runtime's models, not by module state: a second Runtime
-    with another attention kernel leaves the first one's kernel and output unchanged."""
+def _tf32_seen(runtime, prompt, outside: bool):
+    """(TF32 flags seen inside the runtime's DiT forwards, the process flag after the generation), the
+    process flag being ``outside`` before it."""
+    seen = []
+    mm = torch.backends.cuda.matmul
+    hook = runtime.models["target"].head.register_forward_pre_hook(lambda m, a: seen.append(mm.allow_tf32))
+    saved = mm.allow_tf32
+    mm.allow_tf32 = outside
+    try:
+        runtime.generate(prompt, seed=1, mode="target")
+        return set(seen), mm.allow_tf32
+    finally:
+        mm.allow_tf32 = saved
+        hook.remove()
+
+
+def test_two_runtimes_in_one_process_keep_their_own_performance_choices(tiny_dir, rt):
+    """The performance choices are held by each Runtime's models and steps, not by module state: a second
+    Runtime with another attention kernel and TF32 off leaves the first one's choices and output unchanged;
+    each runs its forwards under its own TF32 flag and leaves the process's flag as it found it; and
+    kernels given to the second one's models (Triton groups, a sub-pixel upsample mode) are its own."""
+    from sdvg_rt.models import dit_kernels, wan_vae
+    from sdvg_rt.models.wan_dit import DiTKernels
+    from sdvg_rt.models.wan_vae import VAEKernels
+
     prompt = rt.encode_prompts(["a lighthouse at night"])[0]
     before = rt.generate(prompt, seed=1, mode="target")
     other = sdvg_rt.Runtime.from_profile(demo_profile(tiny_dir), "cpu", text_encoder=False, attention="math",
-                                         **SMALL)
+                                         tf32=False, **SMALL)
     assert {other.models[k].attention.name for k in ("drafter", "target")} == {"math"}
     assert {rt.models[k].attention.name for k in ("drafter", "target")} == {rt.profile.performance.attention}
     assert rt.profile.performance.attention == "auto"
     after = rt.generate(prompt, seed=1, mode="target")
     assert np.array_equal(before.frames, after.frames) and torch.equal(before.latents, after.latents)
+
+    # TF32: each Runtime's steps set its own flag for their calls and restore the process's afterwards
+    assert (rt.math.tf32, other.math.tf32) == (True, False)
+    assert _tf32_seen(rt, prompt, outside=False) == ({True}, False)
+    assert _tf32_seen(other, prompt, outside=True) == ({False}, True)
+
+    # kernels: the second Runtime's models get their own; the first one's keep the eager groups (CPU)
+    shuffles = []
+
+    def counted_shuffle(*args):
+        shuffles.append(1)
+        return wan_vae._EAGER["bias_pixel_shuffle"](*args)
+    other.models["vae"].set_kernels(VAEKernels(subpixel="3x3", ops={"bias_pixel_shuffle": counted_shuffle}))
+    triton = DiTKernels(triton=True)
+    for k in ("drafter", "target"):
+        other.models[k].set_kernels(triton)
+    for k in ("drafter", "target"):
+        m = rt.models[k]
+        assert m.kernels.eager and all(b.kernels.eager and b.self_attn.kernels.eager for b in m.blocks)
+        assert m.kernels["rms_norm"] is m.kernels.ops["rms_norm"] is other.models[k].kernels["rms_norm"]  # eager
+        assert other.models[k].blocks[0].cross_attn.kernels is triton
+        assert (other.models[k].blocks[0].kernels["gated_add_ln"] is not m.blocks[0].kernels["gated_add_ln"]) \
+            == dit_kernels.AVAILABLE
+    assert rt.models["vae"].kernels.eager and rt.models["vae"].kernels.subpixel == "auto"
+    again = rt.generate(prompt, seed=1, mode="target")
+    assert np.array_equal(before.frames, again.frames) and torch.equal(before.latents, again.latents)
+    assert not shuffles  # the first Runtime's VAE never ran the second one's sub-pixel path
+    res = other.generate(prompt, seed=1, mode="target")
+    assert shuffles and res.frames.shape == before.frames.shape  # its own path: the 3x3 sub-pixel upsample
+    # same function, other kernels: the latents agree to rounding (fp32; math attention and Triton groups)
+    torch.testing.assert_close(res.latents, before.latents, rtol=1e-4, atol=1e-4)
     other.close()

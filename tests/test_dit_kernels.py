@@ -107,18 +107,12 @@ def test_cached_block_steps_with_kernels_match_eager(dtype):
     caches = [KVCache(c.num_layers, c.num_heads, c.head_dim, 12, 3, 21, 0, dtype, DEV) for _ in range(2)]
     x = torch.randn(1, 16, 9, 6, 8, device=DEV)
     outs = []
-    saved = dict(W._ops)
-    try:
-        for use_kernels, cache in zip((False, True), caches):
-            W._ops.update(W._EAGER)
-            if use_kernels:
-                W._ops.update(W._triton_ops())
-            with torch.no_grad():
-                outs.append([model(x[:, :, 3 * b:3 * b + 3], torch.full((3,), 500.0 + b, device=DEV), ctx_kv,
-                                   cache.kv, cache.slots(b)) for b in range(3)])
-    finally:
-        W._ops.clear()
-        W._ops.update(saved)
+    for use_kernels, cache in zip((False, True), caches):
+        model.set_kernels(W.DiTKernels(triton=use_kernels))
+        assert model.blocks[-1].self_attn.kernels.triton == use_kernels
+        with torch.no_grad():
+            outs.append([model(x[:, :, 3 * b:3 * b + 3], torch.full((3,), 500.0 + b, device=DEV), ctx_kv,
+                               cache.kv, cache.slots(b)) for b in range(3)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, ref in zip(outs[1] + [caches[1].kv], outs[0] + [caches[0].kv]):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol

@@ -87,18 +87,14 @@ def test_dit_step_with_a_real_cache_prefix_matches_the_cached_torch_forward(tmp_
 @pytest.mark.parametrize("subpixel", ["off", "2x2"])  # 2x2: what an export on a GPU contains ("auto")
 @torch.no_grad()
 def test_vae_threads_its_state_across_three_blocks(tmp_path, subpixel):
-    from sdvg_rt.models.wan_vae import set_subpixel_upsample
+    from sdvg_rt.models.wan_vae import VAEKernels
 
-    set_subpixel_upsample(subpixel)
-    try:
-        _check_vae_export(tmp_path)
-    finally:
-        set_subpixel_upsample("auto")
+    _check_vae_export(tmp_path, VAEKernels(subpixel=subpixel))
 
 
-def _check_vae_export(tmp_path):
+def _check_vae_export(tmp_path, kernels):
     geo = io_spec.Geometry(3, 2, 2, 9, 9, 0)
-    vae = WanVAEDecoder(WanVAEConfig.from_name("tiny")).eval()
+    vae = WanVAEDecoder(WanVAEConfig.from_name("tiny")).eval().set_kernels(kernels)
     first_io, step_io = (io_spec.vae_io(vae.config, geo, "fp32", f) for f in (True, False))
     first = ox.export_graph(_graph(first_io, ox.VAEFirstGraph(vae)), tmp_path / "first.onnx")
     step = ox.export_graph(_graph(step_io, ox.VAEStepGraph(vae)), tmp_path / "step.onnx")
@@ -115,6 +111,24 @@ def _check_vae_export(tmp_path):
     assert outs[0]["frames"].shape[2] == 9 and outs[2]["frames"].shape[2] == 12
     for j in range(slots):
         np.testing.assert_allclose(outs[-1][f"state_out.{j}"], a.slots[j].numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_export_refuses_a_model_with_fast_kernels():
+    """The export traces the eager groups a loaded model runs; a model given Triton or compiled kernels (as
+    a GPU Runtime configures its own) is refused by name, not traced into a wrong graph."""
+    from sdvg_rt.models import dit_kernels
+    from sdvg_rt.models.wan_dit import DiTKernels
+    from sdvg_rt.models.wan_vae import VAEKernels
+
+    vae = WanVAEDecoder(WanVAEConfig.from_name("tiny")).eval()
+    assert vae.kernels.eager and ox.part_graphs("vae", {}, vae) == []  # as loaded: accepted
+    assert VAEKernels(subpixel="3x3").eager  # a mode alone keeps the eager groups
+    with pytest.raises(ValueError, match=r"vae model runs VAEKernels\(compile=True.*export a model as loaded"):
+        ox.part_graphs("vae", {}, vae.set_kernels(VAEKernels(compile=True)))
+    dit = WanDiT(WanDiTConfig.from_name("tiny")).eval()
+    kernels = DiTKernels(compile=True, triton=dit_kernels.AVAILABLE)
+    with pytest.raises(ValueError, match=r"drafter model runs DiTKernels\(.*compile"):
+        ox.part_graphs("drafter", {}, dit.set_kernels(kernels))
 
 
 @torch.no_grad()

@@ -73,12 +73,13 @@ class HostReadGuard(TorchDispatchMode):
         return out
 
     def __enter__(self):
-        guard, real_sync = self, self.loop._sync
+        guard = self
 
-        def named_sync():
-            real_sync()
+        def named_sync(sync):
+            sync()
             guard.dirty.clear()
-        self.loop._sync = named_sync
+        self._hook = self.loop.sync_hook(named_sync)
+        self._hook.__enter__()
         self._saved = {}
         for name in HOST_METHODS:
             orig = getattr(torch.Tensor, name)
@@ -93,7 +94,7 @@ class HostReadGuard(TorchDispatchMode):
     def __exit__(self, *exc):
         for name, orig in self._saved.items():
             setattr(torch.Tensor, name, orig)
-        del self.loop._sync
+        self._hook.__exit__(*exc)
         return super().__exit__(*exc)
 
 

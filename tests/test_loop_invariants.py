@@ -54,18 +54,17 @@ def run(rt, prompt=0, *, mode="sdvg", tau=0.0, lazy=True, pattern=None, seed=0):
             noise.append((_name, block, _den.noise.out.clone()))
             return out
         den.denoise_block = wrapped
-    real_decide, real_sync = decide, lp._sync
+    real_decide = decide
 
     def fake_decide(mode_, block, score, tau_, finite=True):
         d = real_decide(mode_, block, score, tau_, finite)
         return Decision(pattern[block], "forced by the test") if pattern and mode_ == "sdvg" and block else d
-    lp._sync = lambda: (syncs.append(1), real_sync())
     lp.lazy_commit = lazy
     try:
-        res = rt.generate(rt.prompts[prompt], seed=seed, tau=tau, mode=mode, decide=fake_decide)  # as the benchmark
+        with lp.sync_hook(lambda sync: (syncs.append(1), sync())):
+            res = rt.generate(rt.prompts[prompt], seed=seed, tau=tau, mode=mode, decide=fake_decide)  # as the benchmark
     finally:
         lp.lazy_commit = True
-        del lp._sync
         for name, orig in saved.items():
             del getattr(lp, name).denoise_block
     return dict(res=res, noise=noise, syncs=len(syncs), kv={n: getattr(lp, n).cache.kv.clone()

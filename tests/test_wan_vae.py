@@ -21,10 +21,10 @@ from sdvg_rt.models import wan_vae
 from sdvg_rt.backends.torch_backend import vae_decoder
 from sdvg_rt.models.wan_vae import (
     VAE_PRESETS,
+    VAEKernels,
     VAEState,
     WanVAEConfig,
     WanVAEDecoder,
-    set_subpixel_upsample,
     subpixel_weight,
 )
 from sdvg_rt.vae_state import VAEStatePair
@@ -45,10 +45,14 @@ def _one_thread():
 
 @pytest.fixture(params=["off", "3x3", "2x2"])
 def subpixel(request):
-    """Each sub-pixel upsample mode (the same function), restored to "auto" afterwards."""
-    set_subpixel_upsample(request.param)
-    yield request.param
-    set_subpixel_upsample("auto")
+    """Kernels with each sub-pixel upsample mode (the same function); a test gives them to its model with
+    ``_with``."""
+    return VAEKernels(subpixel=request.param)
+
+
+def _with(model, kernels):
+    """A copy of a (module-scoped) decoder that computes with ``kernels``; the original keeps its own."""
+    return copy.deepcopy(model).set_kernels(kernels)
 
 
 def _tiny_diffusers(dtype):
@@ -121,6 +125,7 @@ def _split(z, sizes):
 @pytest.mark.parametrize("sizes, counts", [((3, 3, 3), [9, 12, 12]), ((1, 2, 3, 3), [1, 8, 12, 12])])
 def test_streaming_blocks_match_diffusers_whole_sequence(parity64, sizes, counts, subpixel):
     _, mine, z, ref_frames = parity64
+    mine = _with(mine, subpixel)
     assert ref_frames.shape == (1, 3, 1 + 4 * (N_LAT - 1), 8 * H, 8 * W)
     stream = vae_decoder(mine, H, W)
     outs = [stream.decode_commit(zb, b) for b, zb in enumerate(_split(z, sizes))]
@@ -142,6 +147,7 @@ def test_self_forcing_convention_matches_zero_cache_reference(parity64, subpixel
     Independent path: diffusers' decoder fed one latent per call with a feature cache pre-filled with
     zeros (exactly SF's ZERO_VAE_CACHE), frames 3.. kept."""
     ref, mine, z, _ = parity64
+    mine = _with(mine, subpixel)
     z = z[:, :, :6]
     zero_state = mine.new_state(H, W)
     feat = [t.clone() for t in zero_state.slots] + [None]  # diffusers counts 33 convs (shortcut included)
@@ -235,7 +241,8 @@ def test_in_place_state_and_functional_forward(tiny32):
 
 def test_channels_last_matches_contiguous(tiny32, subpixel):
     model, z = tiny32
-    cl = WanVAEDecoder(model.config).eval()
+    model = _with(model, subpixel)
+    cl = WanVAEDecoder(model.config).eval().set_kernels(subpixel)
     cl.load_state_dict(model.state_dict())
     cl.to_channels_last()
     a, b = vae_decoder(model, H, W), vae_decoder(cl, H, W)
@@ -253,7 +260,7 @@ def test_bf16_decode_is_as_accurate_as_diffusers_bf16(parity64, subpixel):
     ref, mine, z, want = parity64
     z = z[:, :, :6]
     want = want[:, :, :21]  # causal: the first 6 latents' frames do not depend on later latents
-    m16 = copy.deepcopy(mine).to(torch.bfloat16)
+    m16 = _with(mine, subpixel).to(torch.bfloat16)
     assert m16.latents_std.dtype == torch.float32 and m16.latents_std[0, 0, 0, 0, 0] == 2.8184
     stream = vae_decoder(m16, H, W)
     assert stream.committed.slots[0].dtype == torch.bfloat16
@@ -312,36 +319,34 @@ def test_subpixel_phase_map_on_a_single_pixel():
 def test_subpixel_fold_follows_weight_changes(tiny32):
     """The folded weights are cached; loading other weights (in place) or casting must refold them."""
     model, z = tiny32
-    m = copy.deepcopy(model)
-    try:
-        set_subpixel_upsample("3x3")
-        a = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
-        with torch.no_grad():
-            for mod in m.modules():
-                if isinstance(mod, wan_vae.Resample):
-                    mod.resample[1].weight.mul_(-0.5)  # in place: same storage, new version
-        b = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
-        set_subpixel_upsample("off")
-        assert not torch.equal(a, b)
-        torch.testing.assert_close(b, vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0), rtol=0, atol=1e-5)
-        m64 = m.double()  # new storages
-        set_subpixel_upsample("3x3")
-        c = vae_decoder(m64, H, W).decode_commit(z[:, :, :3].double(), 0)
-        assert c.dtype == torch.float64
-        torch.testing.assert_close(c, b.double(), rtol=0, atol=1e-5)
-    finally:
-        set_subpixel_upsample("auto")
+    m = _with(model, VAEKernels(subpixel="3x3"))
+    a = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, wan_vae.Resample):
+                mod.resample[1].weight.mul_(-0.5)  # in place: same storage, new version
+    b = vae_decoder(m, H, W).decode_commit(z[:, :, :3], 0)
+    assert not torch.equal(a, b)
+    off = vae_decoder(m.set_kernels(VAEKernels(subpixel="off")), H, W).decode_commit(z[:, :, :3], 0)
+    torch.testing.assert_close(b, off, rtol=0, atol=1e-5)
+    m64 = m.double().set_kernels(VAEKernels(subpixel="3x3"))  # new storages
+    c = vae_decoder(m64, H, W).decode_commit(z[:, :, :3].double(), 0)
+    assert c.dtype == torch.float64
+    torch.testing.assert_close(c, b.double(), rtol=0, atol=1e-5)
 
 
 def test_subpixel_mode_switch():
     """"auto" (the default): sub-pixel 2x2 on CUDA tensors only; unknown modes are refused."""
-    set_subpixel_upsample("auto")
-    assert wan_vae._subpixel_mode(torch.zeros(1)) == "off"
-    assert wan_vae._subpixel_mode(torch.zeros(1, device="meta")) == "off"
-    assert wan_vae._subpixel_mode(types.SimpleNamespace(is_cuda=True)) == "2x2"  # (only .is_cuda is read)
+    auto = WanVAEDecoder.kernels
+    assert auto.subpixel == "auto" and auto.eager
+    assert auto.subpixel_mode(torch.zeros(1)) == "off"
+    assert auto.subpixel_mode(torch.zeros(1, device="meta")) == "off"
+    assert auto.subpixel_mode(types.SimpleNamespace(is_cuda=True)) == "2x2"  # (only .is_cuda is read)
+    assert VAEKernels(subpixel="3x3").subpixel_mode(torch.zeros(1)) == "3x3"
     with pytest.raises(ValueError, match="sub-pixel"):
-        set_subpixel_upsample("4x4")
-    assert wan_vae._subpixel["mode"] == "auto"
+        VAEKernels(subpixel="4x4")
+    with pytest.raises(ValueError, match="no elementwise group named"):
+        VAEKernels(ops={"rms_nrom": wan_vae._EAGER["rms_norm"]})
 
 
 def _conv_input_layouts(model, z, monkeypatch):
@@ -377,7 +382,7 @@ def test_causal_conv_inputs_stay_channels_last(tiny32, subpixel, monkeypatch):
     """The causal convs' inputs ``[history | x]`` stay channels-last-3d (zero history on block 0, the
     state's history after), in every sub-pixel mode (eager)."""
     model, z = tiny32
-    ok, _ = _conv_input_layouts(copy.deepcopy(model).to_channels_last(), z, monkeypatch)
+    ok, _ = _conv_input_layouts(_with(model, subpixel).to_channels_last(), z, monkeypatch)
     assert ok
 
 
@@ -386,13 +391,14 @@ def test_causal_conv_inputs_stay_channels_last(tiny32, subpixel, monkeypatch):
 def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
     """Compiled (Inductor on CPU here) with the GPU's sub-pixel mode ("2x2"): the causal convs' inputs
     stay channels-last-3d and the frames equal the eager decode's."""
-    set_subpixel_upsample("2x2")
     model, z = tiny32
-    cl = copy.deepcopy(model).to_channels_last()
+    cl = _with(model, VAEKernels(subpixel="2x2")).to_channels_last()
     ok, want = _conv_input_layouts(cl, z, monkeypatch)
     assert ok
     torch._dynamo.reset()
-    wan_vae.compile_elementwise(True)
+    compiled = VAEKernels(compile=True, subpixel="2x2")
+    assert not compiled.eager and WanVAEDecoder.kernels.eager
+    cl.set_kernels(compiled)
     try:
         # the tiny sizes coincide (t = w = 3), so dynamo's duck sizing adds graphs that the full size does not
         monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 32)
@@ -401,12 +407,10 @@ def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
         y = torch.randn(4, 12, 3, 5).contiguous(memory_format=torch.channels_last)
         b = torch.randn(3)
         for shift in (True, False):
-            a, e = (ops["bias_pixel_shuffle"](y, b, shift, True) for ops in (wan_vae._ops, wan_vae._EAGER))
+            a, e = (k["bias_pixel_shuffle"](y, b, shift, True) for k in (compiled, WanVAEDecoder.kernels))
             assert a.is_contiguous() and a.shape == e.shape and torch.equal(a, e)
     finally:
-        wan_vae.compile_elementwise(False)
         torch._dynamo.reset()
-        set_subpixel_upsample("auto")
     assert ok
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -472,18 +476,13 @@ def test_output_padding_is_the_same_function(tiny32, monkeypatch):
     calls = []
     real = F.conv3d
     monkeypatch.setattr(wan_vae.F, "conv3d", lambda x, w, *a: calls.append(w.shape[0]) or real(x, w, *a))
-    try:
-        wan_vae.set_output_padding("off")
-        plain = vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0)
-        assert 24 not in calls
-        wan_vae.set_output_padding("auto")  # CPU: off
-        assert torch.equal(vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0), plain)
-        assert 24 not in calls
-        wan_vae.set_output_padding("on")
-        padded = vae_decoder(model, H, W).decode_commit(z[:, :, :3], 0)
-        assert 24 in calls
-        torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
-        with pytest.raises(ValueError, match="output padding mode"):
-            wan_vae.set_output_padding("always")
-    finally:
-        wan_vae.set_output_padding("auto")
+    plain = vae_decoder(_with(model, VAEKernels(pad="off")), H, W).decode_commit(z[:, :, :3], 0)
+    assert 24 not in calls
+    auto = _with(model, VAEKernels(pad="auto"))  # CPU: off
+    assert torch.equal(vae_decoder(auto, H, W).decode_commit(z[:, :, :3], 0), plain)
+    assert 24 not in calls
+    padded = vae_decoder(_with(model, VAEKernels(pad="on")), H, W).decode_commit(z[:, :, :3], 0)
+    assert 24 in calls
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="output padding mode"):
+        VAEKernels(pad="always")

@@ -4,7 +4,8 @@ A backend supplies one *step* per part with the engine's I/O signature (``io_spe
 the modules (``torch_backend``), TensorRT steps enqueue engines (``tensorrt_backend``). The per-block
 recipe around a step is written once, in ``sdvg_rt.components``. This module makes the choice, in one
 place: ``check`` (before anything is loaded), ``torch_parts`` (which weights to load), ``configure`` (the torch
-fast path, once the weights are loaded), ``build`` (the steps).
+fast path, held by the loaded models), ``math_flags`` (TF32 and cuDNN autotuning around the torch parts'
+calls), ``build`` (the steps).
 """
 from __future__ import annotations
 
@@ -48,11 +49,19 @@ def torch_parts(profile) -> list[str]:
 
 
 def configure(profile, models: dict, device) -> None:
-    """The torch fast-path settings of the profile's ``performance`` section for the loaded torch modules
-    (``torch_backend.configure``), once, when a Runtime is constructed (before prompts are encoded)."""
+    """The torch fast-path choices of the profile's ``performance`` section, given to the loaded torch
+    modules (``torch_backend.configure``: each model holds its own), once, when a Runtime is constructed."""
     from .torch_backend import configure as configure_torch
 
-    configure_torch(profile, torch.device(device), {k: models[k] for k in ("drafter", "target") if k in models})
+    configure_torch(profile, torch.device(device), models)
+
+
+def math_flags(profile):
+    """The torch math flags (TF32, cuDNN autotuning) that the torch parts' calls run under
+    (``torch_backend.MathFlags``)."""
+    from .torch_backend import MathFlags
+
+    return MathFlags.from_profile(profile)
 
 
 def build(profile, models: dict, device, *, engines_dir=None) -> dict[str, Any]:
@@ -63,11 +72,12 @@ def build(profile, models: dict, device, *, engines_dir=None) -> dict[str, Any]:
 
     on_torch = torch_parts(profile)
     steps = build_steps(profile, [p for p in PARTS if p not in on_torch], device, engines_dir=engines_dir)
+    math = math_flags(profile)
     for kind in ("drafter", "target"):
         if kind in on_torch:
-            steps[kind] = TorchDiTStep(models[kind])
+            steps[kind] = TorchDiTStep(models[kind], math)
     if "vae" in on_torch:
-        steps["vae"] = TorchVAEStep(models["vae"])
+        steps["vae"] = TorchVAEStep(models["vae"], math=math)
     if "scorer" in on_torch:
-        steps["scorer"] = TorchScoreStep(models["scorer"])
+        steps["scorer"] = TorchScoreStep(models["scorer"], math)
     return steps

@@ -1,4 +1,4 @@
-"""Triton kernels for the DiT's memory-bound groups (GPU fast path; ``wan_dit.compile_elementwise``).
+"""Triton kernels for the DiT's memory-bound groups (GPU fast path; ``wan_dit.DiTKernels(triton=True)``).
 
 Each kernel computes the same maths as its eager group in ``wan_dit`` (the definition), in fp32 with one
 rounding to the model dtype where the eager code rounds the residual stream or an output:

@@ -181,10 +181,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, rowwise: bool, gelu: bool = F
     return Fp8Act(quantize_ref(xf, scale), _row_scale(scale, M, rowwise))
 
 
-def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops: dict, *args):
+def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops, *args):
     """The residual/LayerNorm group ``name`` of ``wan_dit`` whose normalised output feeds an fp8 GEMM:
     returns ``(x, Fp8Act)`` (``modulated_ln``: only the Fp8Act). CUDA with Triton: the ``residual_ln``
-    kernel writes fp8 directly; elsewhere the eager group (``ops[name]``) in fp32 maths, then quantized."""
+    kernel writes fp8 directly; elsewhere the model's group (``ops[name]``, its ``DiTKernels.ops``) in fp32
+    maths, then quantized."""
     from . import dit_kernels as K
 
     x = args[0]

@@ -13,8 +13,11 @@ Geometry: x ``[1, 16, F, h, w]`` -> ``F*(h/2)*(w/2)`` tokens, frame-major. Batch
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +82,8 @@ PRESETS: dict[str, WanDiTConfig] = {
 # Leaves
 
 class WanRMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) over the full dim, in fp32, cast back, times the weight."""
+    """x * rsqrt(mean(x^2) + eps) over the full dim, in fp32, cast back, times the weight. (The attentions
+    apply it through their ``kernels``; ``forward`` is the eager definition.)"""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -87,7 +91,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops["rms_norm"](x, self.weight, self.eps)
+        return _rms_norm(x, self.weight, self.eps)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -164,8 +168,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# Elementwise groups: each is one function so that ``compile_elementwise()`` can fuse it into a single
-# kernel on the GPU (between the GEMMs and attention, which stay cuBLAS/cuDNN). Eager on CPU; the
+# Elementwise groups: each is one function so that a model's ``DiTKernels`` can run it as a single kernel
+# on the GPU (between the GEMMs and attention, which stay cuBLAS/cuDNN). Eager on CPU; the Triton,
 # compiled and eager versions compute the same maths.
 
 def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,20 +208,94 @@ def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Ten
     return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
-def _qk_to_cache(q, k, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write_start: int):
+def _qk_to_cache(q, k, wq, wk, eps: float, cos, sin, heads: int, kv_layer, write_start: int, *,
+                 norm_rope=_norm_rope):
     """The cached path's q/k epilogue: RMSNorm + RoPE of k written into the layer's key slots
     ``kv_layer[0, write_start:write_start+n]``; returns RMSNorm + RoPE of q. A composition of the
-    ``norm_rope`` group (compiled or eager) and a copy; one Triton kernel on the fast path."""
+    ``norm_rope`` group (the kernels' own: compiled or eager) and a copy; one Triton kernel on the fast
+    path."""
     n = q.shape[0]
-    kv_layer[0, write_start:write_start + n].copy_(_ops["norm_rope"](k, wk, eps, cos, sin, heads))
-    return _ops["norm_rope"](q, wq, eps, cos, sin, heads)
+    kv_layer[0, write_start:write_start + n].copy_(norm_rope(k, wk, eps, cos, sin, heads))
+    return norm_rope(q, wq, eps, cos, sin, heads)
 
 
 _EAGER = {"modulated_ln": _modulated_ln, "gated_add_ln": _gated_add_ln, "add_modulated_ln": _add_modulated_ln,
           "gated_add_modulated_ln": _gated_add_modulated_ln, "rms_norm": _rms_norm, "norm_rope": _norm_rope,
           "qk_to_cache": _qk_to_cache}
 _COMPOSED = {"qk_to_cache"}  # writes into the cache at a host offset: composed of compiled groups instead
-_ops = dict(_EAGER)
+
+
+def _triton_ops(norm_rope) -> dict:
+    """The groups that have a hand-written Triton kernel (``dit_kernels``), same signatures as ``_EAGER``.
+    The q/k kernel takes 16-bit model dtypes; other dtypes (an fp32 model) compose ``norm_rope``."""
+    from . import dit_kernels as K
+
+    def qk_to_cache(q, k, *args):
+        if q.element_size() != 2:
+            return _qk_to_cache(q, k, *args, norm_rope=norm_rope)
+        return K.qk_to_cache(q, k, *args)
+
+    return {
+        "modulated_ln": lambda x, shift, scale, eps: K.residual_ln(x, None, None, None, None, shift, scale, eps)[1],
+        "gated_add_ln": lambda x, y, gate, w, b, eps: K.residual_ln(x, y, gate, w, b, None, None, eps),
+        "add_modulated_ln": lambda x, y, shift, scale, eps: K.residual_ln(x, y, None, None, None, shift, scale, eps),
+        "gated_add_modulated_ln":
+            lambda x, y, gate, shift, scale, eps: K.residual_ln(x, y, gate, None, None, shift, scale, eps),
+        "qk_to_cache": qk_to_cache,
+    }
+
+
+class DiTKernels:
+    """The elementwise groups one DiT runs, fixed at construction (``WanDiT.set_kernels``): ``kernels[name]``
+    is the function of group ``name`` (signatures of ``_EAGER``).
+
+    ``DiTKernels()``: the eager functions (the definition: CPU, reference paths, ONNX export); the default
+    of every model. ``triton``: the residual/LayerNorm groups and the q/k cache epilogue as the Triton
+    kernels of ``dit_kernels`` (where Triton is importable; CUDA tensors, or Triton's CPU interpreter).
+    ``compile``: every other group as one ``torch.compile`` kernel; shapes are static per model, so each
+    compiles once per model size. The GPU fast path is both (``performance.compile``)."""
+
+    def __init__(self, *, triton: bool = False, compile: bool = False):
+        if triton:
+            from . import dit_kernels
+            triton = dit_kernels.AVAILABLE
+        table = dict(_EAGER)
+        if compile:
+            # Each model size adds a few shapes per group (block tokens, text rows); fused multi-block
+            # commits add one per span length. Past dynamo's default of 8 a fullgraph function raises
+            # instead of recompiling. (dynamo's own configuration; only ever raised)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for name, fn in _EAGER.items():
+                if name not in _COMPOSED:
+                    table[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+            table["qk_to_cache"] = functools.partial(_qk_to_cache, norm_rope=table["norm_rope"])
+        self.triton, self.compile = triton, compile
+        if self.triton:
+            table.update(_triton_ops(table["norm_rope"]))
+        self.ops: Mapping = MappingProxyType(table)
+
+    @property
+    def eager(self) -> bool:
+        """Whether every group is its eager definition (what the ONNX export traces)."""
+        return not (self.triton or self.compile)
+
+    def __getitem__(self, name: str):
+        return self.ops[name]
+
+    def __repr__(self) -> str:
+        parts = [p for p, on in (("triton", self.triton), ("compile", self.compile)) if on]
+        return f"DiTKernels({'+'.join(parts) or 'eager'})"
+
+    def ln(self, name: str, out_scale, rowwise: bool, *args):
+        """The residual/LayerNorm group ``name``; fp8 hook: with a static ``out_scale`` (set by
+        ``models.fp8.quantize_dit``) its normalised output comes as the next GEMM's fp8 input."""
+        if out_scale is None:
+            return self.ops[name](*args)
+        from . import fp8
+        return fp8.residual_ln(name, out_scale, rowwise, self.ops, *args)
+
+
+_EAGER_KERNELS = DiTKernels()  # every model's default
 
 
 def _cuda_fast_path(x: torch.Tensor) -> bool:
@@ -240,58 +318,16 @@ def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return ffn[2](h).view(*x.shape[:-1], -1)
 
 
-def _ln(name: str, out_scale, rowwise: bool, *args):
-    """fp8 hook: the residual/LayerNorm group ``name``; with a static ``out_scale`` (set by
-    ``models.fp8.quantize_dit``) its normalised output comes as the next GEMM's fp8 input."""
-    if out_scale is None:
-        return _ops[name](*args)
-    from . import fp8
-    return fp8.residual_ln(name, out_scale, rowwise, _ops, *args)
-
-
-def _triton_ops() -> dict:
-    """The groups that have a hand-written Triton kernel (``dit_kernels``), same signatures as ``_EAGER``."""
-    from . import dit_kernels as K
-
-    return {
-        "modulated_ln": lambda x, shift, scale, eps: K.residual_ln(x, None, None, None, None, shift, scale, eps)[1],
-        "gated_add_ln": lambda x, y, gate, w, b, eps: K.residual_ln(x, y, gate, w, b, None, None, eps),
-        "add_modulated_ln": lambda x, y, shift, scale, eps: K.residual_ln(x, y, None, None, None, shift, scale, eps),
-        "gated_add_modulated_ln":
-            lambda x, y, gate, shift, scale, eps: K.residual_ln(x, y, gate, None, None, shift, scale, eps),
-        "qk_to_cache": K.qk_to_cache,
-    }
-
-
-def compile_elementwise(enabled: bool = True, triton: bool = True) -> None:
-    """The GPU fast path of the elementwise groups, or back to eager (``enabled=False``).
-
-    Enabled: the residual/LayerNorm groups and the q/k cache epilogue run as the Triton kernels of
-    ``dit_kernels`` (when ``triton`` and Triton is importable; CUDA tensors only), every other group as
-    one ``torch.compile`` kernel. Shapes are static per model, so each compiles once per model size."""
-    # Each model size adds a few shapes per group (block tokens, text rows); fused multi-block commits add
-    # one per span length. Past dynamo's default of 8 a fullgraph function raises instead of recompiling.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    from . import dit_kernels
-
-    kernels = _triton_ops() if enabled and triton and dit_kernels.AVAILABLE else {}
-    for name, fn in _EAGER.items():
-        if name in kernels:
-            _ops[name] = kernels[name]
-        elif enabled and name not in _COMPOSED:
-            _ops[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-        else:
-            _ops[name] = fn
-
-
 # --------------------------------------------------------------------------------------------------
 # Attentions
 
 class _WanAttentionParams(nn.Module):
     """The parameters both attentions share (official names): q, k, v, o and the q/k RMSNorms (over the
-    full dim, before the head split); ``attention`` is the kernel (``WanDiT.set_attention``)."""
+    full dim, before the head split); ``attention`` is the kernel (``WanDiT.set_attention``), ``kernels``
+    the elementwise groups (``WanDiT.set_kernels``)."""
 
     attention = Attention()  # default: SDPA with cuDNN first; an instance attribute once set
+    kernels = _EAGER_KERNELS  # default: eager; an instance attribute once set
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -357,8 +393,8 @@ class WanSelfAttention(_WanAttentionParams):
             k, v = kv_layer[0, :read_end], kv_layer[1, :read_end]
         else:
             q, k = self.project_qk(x)
-            q = _ops["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
-            k = _ops["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
+            q = self.kernels["norm_rope"](q, self.norm_q.weight, self.norm_q.eps, *rope, self.num_heads)
+            k = self.kernels["norm_rope"](k, self.norm_k.weight, self.norm_k.eps, *rope, self.num_heads)
             v = self.v(x).view(n, self.num_heads, self.head_dim)
         # 2. attention and output projection
         return self.o(self.attention(q, k, v, mask).reshape(n, -1))
@@ -368,8 +404,8 @@ class WanSelfAttention(_WanAttentionParams):
         returns RoPE(norm(q)) ``[n, H, D]``. (Alone: the last layer of a commit, whose output nothing reads.)"""
         n = x.shape[0]
         q, k = self.project_qk(x)
-        q = _ops["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
-                                self.num_heads, kv_layer, write_start)
+        q = self.kernels["qk_to_cache"](q, k, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope,
+                                        self.num_heads, kv_layer, write_start)
         v_slot = kv_layer[1, write_start:write_start + n]
         if getattr(self.v, "fp8", False) and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             # fp8 hook: the fp8 GEMM writes the value slots too
@@ -388,12 +424,13 @@ class WanCrossAttention(_WanAttentionParams):
     def context_kv(self, context: torch.Tensor, out: torch.Tensor) -> None:
         """context [T, dim] (after the text MLP) -> out [2, T, H, D]."""
         T = context.shape[0]
-        out[0].copy_(self.norm_k(self.k(context)).view(T, self.num_heads, self.head_dim))
+        k = self.kernels["rms_norm"](self.k(context), self.norm_k.weight, self.norm_k.eps)
+        out[0].copy_(k.view(T, self.num_heads, self.head_dim))
         out[1].copy_(self.v(context).view(T, self.num_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, ctx_kv: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q = self.norm_q(self.q(x)).view(n, self.num_heads, self.head_dim)
+        q = self.kernels["rms_norm"](self.q(x), self.norm_q.weight, self.norm_q.eps).view(n, self.num_heads, -1)
         return self.o(self.attention(q, ctx_kv[0], ctx_kv[1]).reshape(n, -1))
 
 
@@ -405,6 +442,7 @@ class WanAttentionBlock(nn.Module):
     # (norm3 -> cross-attention q, norm2 -> FFN, last norm -> next block's q/k/v); None: bf16
     fp8_out = (None, None, None)
     fp8_rowwise = True
+    kernels = _EAGER_KERNELS  # the elementwise groups (``WanDiT.set_kernels``)
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -432,15 +470,16 @@ class WanAttentionBlock(nn.Module):
         # 1. self-attention
         y = self.self_attn(h.view(Fr * tpf, dim), rope, kv_layer, write_start, read_end, mask)
         s3, s2, s_next = self.fp8_out
-        x, h = _ln("gated_add_ln", s3, self.fp8_rowwise, x, y.view(Fr, tpf, dim), gate_msa, self.norm3.weight,
+        ln = self.kernels.ln
+        x, h = ln("gated_add_ln", s3, self.fp8_rowwise, x, y.view(Fr, tpf, dim), gate_msa, self.norm3.weight,
                    self.norm3.bias, self.norm3.eps)
         # 2. cross-attention on norm3(x) (affine LayerNorm; no modulation, no gate); then norm2 of the
         #    new residual (LayerNorm without affine, modulated) for the feed-forward
         y = self.cross_attn(h.view(Fr * tpf, dim), ctx_kv).view(Fr, tpf, dim)
-        x, h = _ln("add_modulated_ln", s2, self.fp8_rowwise, x, y, shift_ffn, scale_ffn, self.eps)
+        x, h = ln("add_modulated_ln", s2, self.fp8_rowwise, x, y, shift_ffn, scale_ffn, self.eps)
         # 3. feed-forward; its residual fused with the next norm
-        return _ln("gated_add_modulated_ln", s_next, self.fp8_rowwise, x, _ffn(self.ffn, h), gate_ffn, *next_mod,
-                   self.eps)
+        return ln("gated_add_modulated_ln", s_next, self.fp8_rowwise, x, _ffn(self.ffn, h), gate_ffn, *next_mod,
+                  self.eps)
 
 
 class WanHead(nn.Module):
@@ -466,6 +505,7 @@ class WanDiT(nn.Module):
 
     fp8_in = None  # fp8 hook: static scale of block 0's q/k/v input when block 0 is quantized
     fp8_rowwise = True
+    kernels = _EAGER_KERNELS  # the elementwise groups (``set_kernels``)
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -493,6 +533,13 @@ class WanDiT(nn.Module):
     @property
     def attention(self) -> Attention:
         return self.blocks[0].self_attn.attention
+
+    def set_kernels(self, kernels: DiTKernels) -> "WanDiT":
+        """The elementwise groups of every layer of this model (chosen once, at load; default eager)."""
+        self.kernels = kernels
+        for block in self.blocks:
+            block.kernels = block.self_attn.kernels = block.cross_attn.kernels = kernels
+        return self
 
     def fuse_qk(self) -> "WanDiT":
         """One q/k GEMM per layer (weights become views of one tensor; call after loading)."""
@@ -532,7 +579,7 @@ class WanDiT(nn.Module):
         layer's (or the head's) normalised input. ``kv_only``: stop once the last layer's K/V are written
         (a commit), return None."""
         mods = [block.modulation_vectors(e0) for block in self.blocks] + [self.head.modulation_vectors(e)]
-        h = _ln("modulated_ln", self.fp8_in, self.fp8_rowwise, z, mods[0][0], mods[0][1], self.cfg.eps)
+        h = self.kernels.ln("modulated_ln", self.fp8_in, self.fp8_rowwise, z, mods[0][0], mods[0][1], self.cfg.eps)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if kv_only and i == last:

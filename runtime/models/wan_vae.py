@@ -39,16 +39,19 @@ Passes (GPU fast path). A causal conv's input ``[history | x]`` is written by th
 produces ``x`` (the ``*_into`` groups store into the frames after the history: one kernel once compiled, no
 concatenation copy); ``time_conv``'s bias is added by the kernel that interleaves its two halves into
 frames; a residual block's shortcut bias is folded into its last bias add. The spatial 2x (nearest, then
-3x3 conv) can run as a sub-pixel convolution (``set_subpixel_upsample``; on by default for CUDA tensors):
+3x3 conv) can run as a sub-pixel convolution (``VAEKernels.subpixel``; on by default for CUDA tensors):
 one convolution of the low-resolution frames with the folded taps of the 4 output phases, then one
-pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor.
+pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor. Which kernels a decoder runs is
+its ``VAEKernels`` (``WanVAEDecoder.set_kernels``; default eager), fixed at construction.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -171,6 +174,7 @@ class _Ctx(NamedTuple):
     new: list[torch.Tensor]  # state_out slots, written in place
     bypass: bool  # reference block 0: latent 0 skips the temporal upsamples
     mf: torch.memory_format
+    kernels: VAEKernels  # the decoder's (``WanVAEDecoder.set_kernels``)
 
 
 def causal_conv(conv: nn.Conv3d, x: torch.Tensor, slot: int, ctx: _Ctx) -> torch.Tensor:
@@ -194,7 +198,7 @@ def _with_history(x: torch.Tensor, slot: int, ctx: _Ctx) -> torch.Tensor:
 
 
 def _group_with_history(name: str, slot: int, ctx: _Ctx, x: torch.Tensor, *args) -> torch.Tensor:
-    """``[2 history frames | group(x, *args)]`` for a causal conv, ``group`` = ``_ops[name]``: its
+    """``[2 history frames | group(x, *args)]`` for a causal conv, ``group`` = ``ctx.kernels[name]``: its
     ``*_into`` form stores the result straight into the frames after the history of a new buffer (in the
     model's layout); the history (zeros when ``ctx.hist`` is None, i.e. a first block) is copied in front
     (2 frames). Then the last 2 frames become the slot's new history (in place, after the read of the
@@ -203,14 +207,14 @@ def _group_with_history(name: str, slot: int, ctx: _Ctx, x: torch.Tensor, *args)
     in fp32 first (3x the traffic, measured), but stores straight into a mutated input. While exporting
     ONNX (which cannot store into part of a buffer) it is ``_with_history`` of the group's result."""
     if torch.onnx.is_in_onnx_export():
-        return _with_history(_ops[name](x, *args), slot, ctx)
+        return _with_history(ctx.kernels[name](x, *args), slot, ctx)
     b, c, t, h, w = x.shape
     xin = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device, memory_format=ctx.mf)
     if ctx.hist is None:
         xin[:, :, :CACHE_T].zero_()
     else:
         xin[:, :, :CACHE_T].copy_(ctx.hist[slot])
-    _ops[name + "_into"](x, *args, xin[:, :, CACHE_T:])
+    ctx.kernels[name + "_into"](x, *args, xin[:, :, CACHE_T:])
     ctx.new[slot].copy_(xin[:, :, -CACHE_T:])
     return xin
 
@@ -327,61 +331,74 @@ _EAGER = {"rms_norm": _rms_norm, "rms_norm_silu": _rms_norm_silu, "bias_rms_norm
           "bias_residual": _bias_residual, "rms_norm_silu_into": _rms_norm_silu_into,
           "bias_rms_norm_silu_into": _bias_rms_norm_silu_into, "bias_interleave": _bias_interleave,
           "bias_pixel_shuffle": _bias_pixel_shuffle}
-_ops = dict(_EAGER)
-
-
-def compile_elementwise(enabled: bool = True) -> None:
-    """Fuse each norm (+SiLU) into one kernel with ``torch.compile`` (GPU fast path), or go back to
-    eager. The activations are the largest tensors of the pipeline (up to 12 frames x 96 x 480 x 832),
-    so each pass saved is worth about a millisecond. Compiled with dynamic shapes: the decoder meets about
-    twenty (channels, frames, height, width) combinations, more than dynamo's recompile limit."""
-    # Inductor's value-range analysis of the dynamic shapes logs harmless warnings (an unsupported
-    # pow_by_natural range) while compiling; nothing a user can act on
-    logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
-    for name, fn in _EAGER.items():
-        _ops[name] = torch.compile(fn, dynamic=True, fullgraph=True) if enabled else fn
-
-
 SUBPIXEL_MODES = ("auto", "off", "3x3", "2x2")
-_subpixel = {"mode": "auto"}
-
-
-def set_subpixel_upsample(mode: str = "auto") -> None:
-    """How ``Resample`` computes nearest 2x + 3x3 conv (the same function in every mode):
-
-    - ``"off"``: as written (``nn.Upsample`` then the conv on the 4x larger frames);
-    - ``"3x3"``: sub-pixel, one 3x3 conv (padding 1) of the low-resolution frames with ``4 * Cout``
-      outputs (the folded taps of the 4 output phases), then one pixel-shuffle + bias kernel;
-    - ``"2x2"``: the same with each phase's 2x2 non-zero taps only: a 2x2 conv (padding 1, output
-      ``(h+1) x (w+1)``) whose phase (a, b) is read at offset (a, b) -- 4/9 of the 3x3 form's FLOPs;
-    - ``"auto"`` (default): ``"2x2"`` for CUDA tensors (the fastest on the GPU, docs/PERFORMANCE.md),
-      ``"off"`` elsewhere.
-    """
-    if mode not in SUBPIXEL_MODES:
-        raise ValueError(f"unknown sub-pixel upsample mode {mode!r}; choose one of {SUBPIXEL_MODES}")
-    _subpixel["mode"] = mode
-
-
-def _subpixel_mode(x: torch.Tensor) -> str:
-    mode = _subpixel["mode"]
-    return ("2x2" if x.is_cuda else "off") if mode == "auto" else mode
-
-
+PAD_MODES = ("auto", "off", "on")
 # cuDNN's channels-last 3D convolutions with 96 outputs (the last stage, 12 x 480 x 832) run a 64-wide
 # output tile twice: 6.39 ms, 373 TFLOP/s; with 128 outputs, 32 of them zero weights never read: 5.16 ms
 # (H100, bf16; 192 -> 256 was slower, 4.07 vs 4.40 ms)
 PADDED_OUTPUTS = {96: 128}
-PAD_MODES = ("auto", "off", "on")
-_pad = {"mode": "auto"}
 
 
-def set_output_padding(mode: str = "auto") -> None:
-    """Whether the residual blocks' convolutions with ``PADDED_OUTPUTS`` widths compute padded outputs
-    (zero weights, sliced off: the same function): ``"auto"`` (default) on CUDA tensors, ``"on"``,
-    ``"off"``."""
-    if mode not in PAD_MODES:
-        raise ValueError(f"unknown output padding mode {mode!r}; choose one of {PAD_MODES}")
-    _pad["mode"] = mode
+class VAEKernels:
+    """How one VAE decoder computes, fixed at construction (``WanVAEDecoder.set_kernels``; the default,
+    ``VAEKernels()``, is eager with both modes "auto"). Every choice computes the same function.
+
+    - ``compile``: each elementwise group (each norm (+SiLU), the bias folds, the interleave, the pixel
+      shuffle) as one ``torch.compile`` kernel (GPU fast path). The activations are the largest tensors of
+      the pipeline (up to 12 frames x 96 x 480 x 832), so each pass saved is worth about a millisecond.
+      Compiled with dynamic shapes: the decoder meets about twenty (channels, frames, height, width)
+      combinations, more than dynamo's recompile limit.
+    - ``subpixel``: how ``Resample`` computes nearest 2x + 3x3 conv. ``"off"``: as written
+      (``nn.Upsample`` then the conv on the 4x larger frames); ``"3x3"``: sub-pixel, one 3x3 conv
+      (padding 1) of the low-resolution frames with ``4 * Cout`` outputs (the folded taps of the 4 output
+      phases), then one pixel-shuffle + bias kernel; ``"2x2"``: the same with each phase's 2x2 non-zero
+      taps only, a 2x2 conv (padding 1, output ``(h+1) x (w+1)``) whose phase (a, b) is read at offset
+      (a, b) -- 4/9 of the 3x3 form's FLOPs; ``"auto"``: ``"2x2"`` for CUDA tensors (the fastest on the
+      GPU, docs/PERFORMANCE.md), ``"off"`` elsewhere.
+    - ``pad``: whether the residual blocks' convolutions with ``PADDED_OUTPUTS`` widths compute padded
+      outputs (zero weights, sliced off): ``"auto"`` on CUDA tensors, ``"on"``, ``"off"``.
+    - ``ops``: replacements for some groups (name -> a function with the eager group's signature), e.g.
+      a probe's variants; applied over the eager or compiled table.
+    """
+
+    def __init__(self, *, compile: bool = False, subpixel: str = "auto", pad: str = "auto",
+                 ops: Mapping[str, Callable] | None = None):
+        if subpixel not in SUBPIXEL_MODES:
+            raise ValueError(f"unknown sub-pixel upsample mode {subpixel!r}; choose one of {SUBPIXEL_MODES}")
+        if pad not in PAD_MODES:
+            raise ValueError(f"unknown output padding mode {pad!r}; choose one of {PAD_MODES}")
+        unknown = sorted(set(ops or {}) - set(_EAGER))
+        if unknown:
+            raise ValueError(f"VAEKernels: no elementwise group named {unknown}; the groups are {sorted(_EAGER)}")
+        if compile:
+            # Inductor's value-range analysis of the dynamic shapes logs harmless warnings (an unsupported
+            # pow_by_natural range) while compiling; nothing a user can act on
+            logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
+        table = {name: torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn
+                 for name, fn in _EAGER.items()}
+        table.update(ops or {})
+        self.compile, self.subpixel, self.pad, self.replaced = compile, subpixel, pad, frozenset(ops or ())
+        self.ops: Mapping[str, Callable] = MappingProxyType(table)
+
+    @property
+    def eager(self) -> bool:
+        """Whether every group is its eager definition (what the ONNX export traces)."""
+        return all(self.ops[name] is fn for name, fn in _EAGER.items())
+
+    def __getitem__(self, name: str):
+        return self.ops[name]
+
+    def __repr__(self) -> str:
+        ops = f", ops={sorted(self.replaced)}" if self.replaced else ""
+        return f"VAEKernels(compile={self.compile}, subpixel={self.subpixel!r}, pad={self.pad!r}{ops})"
+
+    def subpixel_mode(self, x: torch.Tensor) -> str:
+        """The sub-pixel form for frames ``x`` ("auto" resolved by the tensor's device; host-side only)."""
+        return ("2x2" if x.is_cuda else "off") if self.subpixel == "auto" else self.subpixel
+
+    def pads(self, x: torch.Tensor) -> bool:
+        """Whether convolutions of ``x`` with ``PADDED_OUTPUTS`` widths compute padded outputs."""
+        return self.pad == "on" or (self.pad == "auto" and x.is_cuda)
 
 
 def _derived_weight(owner: nn.Module, w: torch.Tensor, extra: tuple, make) -> torch.Tensor:
@@ -399,13 +416,13 @@ def _derived_weight(owner: nn.Module, w: torch.Tensor, extra: tuple, make) -> to
     return hit[2]
 
 
-def _conv_padded(conv: nn.Conv3d, x: torch.Tensor, mf: torch.memory_format) -> torch.Tensor:
-    """``_conv(conv, x, bias=False)``, computed with ``PADDED_OUTPUTS`` outputs where that applies (the
-    result is a channel slice of the wider output)."""
+def _conv_padded(conv: nn.Conv3d, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """``_conv(conv, x, bias=False)``, computed with ``PADDED_OUTPUTS`` outputs where that applies and the
+    decoder's kernels say so (the result is a channel slice of the wider output)."""
     n = PADDED_OUTPUTS.get(conv.out_channels)
-    mode = _pad["mode"]
-    if n is None or mode == "off" or (mode == "auto" and not x.is_cuda):
+    if n is None or not ctx.kernels.pads(x):
         return _conv(conv, x, bias=False)
+    mf = ctx.mf
 
     def pad(w):
         p = torch.cat([w, w.new_zeros(n - w.shape[0], *w.shape[1:])])
@@ -454,7 +471,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops["rms_norm"](x, self.gamma, self.scale)
+        return _rms_norm(x, self.gamma, self.scale)  # the eager definition (the decoder applies its kernels')
 
 
 class ResidualBlock(nn.Module):
@@ -485,12 +502,12 @@ class ResidualBlock(nn.Module):
             h, bias = _conv(self.shortcut, x, bias=False), _static_channels(r[6].bias + self.shortcut.bias, 0)
         # 1. norm, SiLU into [history | .], causal conv (its bias is added inside the next norm's kernel)
         x = _conv_padded(r[2], _group_with_history("rms_norm_silu", self.slot, ctx, x, r[0].gamma, r[0].scale),
-                         ctx.mf)
+                         ctx)
         # 2. bias, norm, SiLU, (dropout) into [history | .], causal conv
         x = _group_with_history("bias_rms_norm_silu", self.slot + 1, ctx, x, r[2].bias, r[3].gamma, r[3].scale)
-        x = _conv_padded(r[6], x, ctx.mf)
+        x = _conv_padded(r[6], x, ctx)
         # 3. biases and residual in one pass
-        return _ops["bias_residual"](x, bias, h)
+        return ctx.kernels["bias_residual"](x, bias, h)
 
 
 class AttentionBlock(nn.Module):
@@ -507,11 +524,11 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         b, c, t, h, w = x.shape
         identity = x
         # 1. frames as images, norm, q/k/v: [b*t, 1, h*w, c] each
-        y = self.norm(_to_images(x))
+        y = ctx.kernels["rms_norm"](_to_images(x), self.norm.gamma, self.norm.scale)
         qkv = self.to_qkv(y).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)  # (channels-last: qkv is already contiguous, no copy)
         # 2. attention over the h*w positions of each frame
@@ -524,7 +541,8 @@ class AttentionBlock(nn.Module):
 class Resample(nn.Module):
     """Wan's upsample3d (``time_conv`` 2x in time, then 2x nearest + 3x3 conv per frame) or upsample2d
     (no ``time_conv``). ``resample.1`` halves the width. The spatial part runs as a sub-pixel
-    convolution when ``set_subpixel_upsample`` says so (folded weights cached, parameters unchanged)."""
+    convolution when the decoder's ``VAEKernels.subpixel`` says so (folded weights cached, parameters
+    unchanged)."""
 
     def __init__(self, dim: int, temporal: bool, slot: int | None):
         super().__init__()
@@ -557,15 +575,16 @@ class Resample(nn.Module):
                 ctx.new[self.slot].zero_()
             else:
                 y = _static_channels(_conv(self.time_conv, _with_history(xs, self.slot, ctx), bias=False))
-                x = _ops["bias_interleave"](y, self.time_conv.bias, lead, cl)
+                x = ctx.kernels["bias_interleave"](y, self.time_conv.bias, lead, cl)
         # 2. spatial 2x nearest and 3x3 conv, per frame
         images = _to_images(x)
-        mode = _subpixel_mode(images)
+        mode = ctx.kernels.subpixel_mode(images)
         if mode == "off":
             return _to_frames(self.resample(images), b)
         conv = self.resample[1]
         y = _static_channels(F.conv2d(images, self._subpixel_weight(mode, ctx.mf), None, 1, 1))
-        return _to_frames(_phases_to_images(_ops["bias_pixel_shuffle"](y, conv.bias, mode == "2x2", cl), cl), b)
+        shuffled = ctx.kernels["bias_pixel_shuffle"](y, conv.bias, mode == "2x2", cl)
+        return _to_frames(_phases_to_images(shuffled, cl), b)
 
 
 class Decoder3d(nn.Module):
@@ -600,7 +619,7 @@ class Decoder3d(nn.Module):
         x = causal_conv(self.conv1, x, 0, ctx)
         # 2. middle: residual, per-frame attention, residual
         x = self.middle[0](x, ctx)
-        x = self.middle[1](x)
+        x = self.middle[1](x, ctx)
         x = self.middle[2](x, ctx)
         # 3. upsampling stages
         for layer in self.upsamples:
@@ -611,7 +630,10 @@ class Decoder3d(nn.Module):
 
 
 class WanVAEDecoder(nn.Module):
-    """``conv2`` (the post-quant 1x1x1 conv) and ``decoder``; streaming state passed explicitly."""
+    """``conv2`` (the post-quant 1x1x1 conv) and ``decoder``; streaming state passed explicitly; ``kernels``:
+    how it computes (``set_kernels``)."""
+
+    kernels = VAEKernels()  # default: eager, "auto" modes; an instance attribute once set
 
     def __init__(self, config: WanVAEConfig):
         super().__init__()
@@ -643,6 +665,11 @@ class WanVAEDecoder(nn.Module):
             elif isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last_3d
+        return self
+
+    def set_kernels(self, kernels: VAEKernels) -> WanVAEDecoder:
+        """The kernels and modes this decoder computes with (chosen once, at load; default eager)."""
+        self.kernels = kernels
         return self
 
     # ---- state
@@ -683,6 +710,7 @@ class WanVAEDecoder(nn.Module):
             new=state_out.slots,
             bypass=first and convention == "reference",
             mf=self.memory_format,
+            kernels=self.kernels,
         )
         # 1. de-normalise (z * std + mean) in fp32, then model dtype and layout
         x = z.to(self.latents_std.dtype) * self.latents_std + self.latents_mean

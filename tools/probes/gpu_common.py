@@ -31,25 +31,25 @@ def dit_step(preset: str, block: int = 3, t: float = 937.5):
 def fast_dit_step(preset: str, block: int = 3):
     """``dit_step`` on the runtime's GPU fast path: cuDNN attention, fused QKV, the compiled elementwise
     groups (the DiT's Triton kernels)."""
-    from sdvg_rt.models import wan_dit
     from sdvg_rt.models.attention import Attention
+    from sdvg_rt.models.wan_dit import DiTKernels
 
     m, step, probe = dit_step(preset, block)
     m.set_attention(Attention("cudnn"))
-    m.fuse_qk()
-    wan_dit.compile_elementwise(True)
+    m.fuse_qk().set_kernels(DiTKernels(triton=True, compile=True))
     return m, step, probe
 
 
 def vae_block_decode():
     """``decode()``: the full-size VAE (channels-last, compiled norms, cuDNN autotuning) decoding a random
-    3-latent block from a committed state, into the scratch state (what every draft costs)."""
+    3-latent block from a committed state, into the scratch state (what every draft costs). ``decode.vae``
+    is the model (``decode.vae.set_kernels(...)`` switches its kernels)."""
     from sdvg_rt.backends.torch_backend import vae_decoder
-    from sdvg_rt.models import wan_vae
+    from sdvg_rt.models.wan_vae import VAEKernels
 
-    torch.backends.cudnn.benchmark = True
-    wan_vae.compile_elementwise(True)
-    stream = vae_decoder(random_vae("wan2.1", "cuda", torch.bfloat16), 60, 104, torch.bfloat16, "cuda")
+    torch.backends.cudnn.benchmark = True  # this probe process's setting (the runtime's steps: MathFlags)
+    vae = random_vae("wan2.1", "cuda", torch.bfloat16).set_kernels(VAEKernels(compile=True))
+    stream = vae_decoder(vae, 60, 104, torch.bfloat16, "cuda")
     z = torch.randn(1, 16, FPB, 60, 104, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         stream.decode_commit(z, 0)
@@ -58,6 +58,7 @@ def vae_block_decode():
     def decode():
         return stream.decode_scratch(z, 1)
 
+    decode.vae = vae
     return decode
 
 

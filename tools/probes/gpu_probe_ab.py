@@ -25,7 +25,7 @@ for preset in sys.argv[1].split(",") if len(sys.argv) > 1 else ("wan2.1-14b", "w
     graphs, outs = {}, {}
     with torch.no_grad():
         for name, use_triton in variants.items():
-            wan_dit.compile_elementwise(True, triton=use_triton)
+            m.set_kernels(wan_dit.DiTKernels(triton=use_triton, compile=True))
             outs[name] = step().float()
             graphs[name] = graph_of(step)
         res = {k: [] for k in variants}

@@ -1,5 +1,5 @@
 """GPU probe: cuDNN's channels-last 3D convolutions at the VAE's widths, and the VAE block
-decode with the 96-wide convolutions computed with 128 outputs (``wan_vae.set_output_padding``) or not.
+decode with the 96-wide convolutions computed with 128 outputs (``VAEKernels(pad=...)``) or not.
 
 Prints (1) ms and TFLOP/s of a 3x3x3 causal conv at the last stage's 12 x 480 x 832 for output widths
 3..128 (and the 192/384 stages), (2) the block decode's CUDA-graph replay with padding off / on, three
@@ -35,7 +35,7 @@ def decode_ab():
     decode = vae_block_decode()
     graphs, frames = {}, {}
     for mode in ("off", "on"):
-        wan_vae.set_output_padding(mode)
+        decode.vae.set_kernels(wan_vae.VAEKernels(compile=True, pad=mode))
         eager = decode().clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -58,7 +58,6 @@ def decode_ab():
         print(f"VAE block decode, padding {m}: " + ", ".join(f"{t:.1f}" for t in ts) + " ms")
     d = (frames["on"].float() - frames["off"].float()).abs().max().item()
     print(f"frames max |on - off| = {d:.4f}")
-    wan_vae.set_output_padding("auto")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ cuDNN autotuning; a 3-latent block 1 from a committed state into the scratch sta
 - ``fused``: ``[history | x]`` written by the norm's kernel, bias + interleave in one kernel; upsample;
 - ``fused + sub-pixel 3x3``: the sub-pixel upsample as one 3x3 conv of the low-resolution frames;
 - ``fused + sub-pixel 2x2``: the 2x2 form (4/9 of the 3x3 form's FLOPs in the resample convs), the
-  default GPU fast path (``set_subpixel_upsample("auto")``).
+  default GPU fast path (``VAEKernels(subpixel="auto")``).
 
 Prints ms per decode (median of each round, rounds interleaved), the peak memory of one decode, the max
 abs difference of the frames from ``before``, and a torch.profiler kernel table of the fastest variant.
@@ -40,8 +40,8 @@ def _split_store(inner):
     return group
 
 
-def variants(fused: dict) -> dict:
-    """name -> (overrides of ``wan_vae._ops``, sub-pixel mode); ``fused`` = the compiled ``_ops``."""
+def variants(fused: wan_vae.VAEKernels) -> dict:
+    """name -> (replaced groups, sub-pixel mode); ``fused`` = the compiled kernels."""
     before = {
         "rms_norm_silu_into": _split_store(fused["rms_norm_silu"]),
         "bias_rms_norm_silu_into": _split_store(fused["bias_rms_norm_silu"]),
@@ -56,24 +56,24 @@ def variants(fused: dict) -> dict:
     }
 
 
-def use(fused: dict, variant: tuple) -> None:
+def use(decode, fused: wan_vae.VAEKernels, variant: tuple) -> None:
+    """``decode``'s model computes with ``fused`` with the variant's groups replaced, in its sub-pixel mode
+    (the compiled groups are reused: torch.compile caches per function)."""
     ops, mode = variant
-    wan_vae._ops.clear()
-    wan_vae._ops.update(fused)
-    wan_vae._ops.update(ops)
-    wan_vae.set_subpixel_upsample(mode)
+    decode.vae.set_kernels(wan_vae.VAEKernels(compile=True, subpixel=mode, ops={**fused.ops, **ops}))
 
 
 def ab(decode, timer, rounds: int = ROUNDS, log=print) -> tuple[dict, dict, dict]:
     """Warm up every variant (compiles, cuDNN autotuning) and keep its frames, then time the variants
-    interleaved ``rounds`` times. Returns (ms lists, frames, peak bytes or None) per variant."""
-    fused = dict(wan_vae._ops)
+    interleaved ``rounds`` times (``decode.vae``: the model). Returns (ms lists, frames, peak bytes or None)
+    per variant."""
+    fused = decode.vae.kernels
     vs = variants(fused)
     frames, peak = {}, {}
     cuda = torch.cuda.is_available()
     for name, v in vs.items():
         t = time.time()
-        use(fused, v)
+        use(decode, fused, v)
         decode()
         decode()
         if cuda:
@@ -85,9 +85,9 @@ def ab(decode, timer, rounds: int = ROUNDS, log=print) -> tuple[dict, dict, dict
     ms = {k: [] for k in vs}
     for _ in range(rounds):
         for name, v in vs.items():
-            use(fused, v)
+            use(decode, fused, v)
             ms[name].append(timer(decode) * 1e3)
-    use(fused, ({}, "auto"))  # leave the default fast path in place
+    decode.vae.set_kernels(fused)  # leave the default fast path in place
     return ms, frames, peak
 
 
@@ -124,10 +124,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     decode = vae_block_decode()  # compiled groups, block 0 decoded and committed
     print(f"setup {time.time() - t0:.1f} s", flush=True)
-    fused = dict(wan_vae._ops)  # the compiled groups
+    fused = decode.vae.kernels  # the compiled groups
     ms, frames, peak = ab(decode, lambda fn: cuda_time(fn, iters=ITERS, warmup=WARMUP))
     best = report(ms, frames, peak)
-    use(fused, variants(fused)[best])
+    use(decode, fused, variants(fused)[best])
     print(f"\nkernel profile of the fastest variant, {best!r} (3 decodes; times are totals over the 3)", flush=True)
     with torch.no_grad():
         decode()
@@ -140,7 +140,6 @@ def main() -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=90))
     total = sum(_self_device_us(e) for e in events) / 3 / 1e3
     print(f"GPU time per decode in the profile: {total:.1f} ms; probe total {time.time() - t0:.0f} s")
-    wan_vae.set_subpixel_upsample("auto")
 
 
 if __name__ == "__main__":
