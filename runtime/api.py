@@ -32,6 +32,7 @@ from .errors import (ArgumentError, BackendUnavailableError, BusyError, Checkpoi
 from .io_spec import DTYPES
 from .loop import BlockOutput, DecideFn, PreparedPrompt, SpeculativeLoop
 from .memory import check_fits, oom_message
+from .placement import Placement, resolve
 from .profiles import Profile, load_profile
 from .schedule import Schedule
 
@@ -66,10 +67,16 @@ def resolve_device(device) -> torch.device:
 
 
 class Runtime:
-    """SDVG generation on one device. Build it with ``Runtime.from_profile``."""
+    """SDVG generation on one device, or with the target on a second one (the profile's ``devices``).
+    Build it with ``Runtime.from_profile``."""
 
-    def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float):
-        self.profile, self.device = profile, device
+    def __init__(self, profile: Profile, device: torch.device, models: dict, text_encoder, load_s: float,
+                 placement: Placement | None = None):
+        """``models`` loaded on their parts' devices; ``placement`` (default: the profile's ``devices``
+        over ``device``, ``placement.resolve``) says which; ``device`` becomes the drafter side's."""
+        self.placement = resolve(profile, device) if placement is None else placement
+        self.profile, self.device = profile, self.placement.home
+        device = self.device
         backends.configure(profile, models, device)  # the torch fast path, held by the models
         self.math = backends.math_flags(profile)  # TF32 / cuDNN autotuning around the torch parts' calls
         from .models.fp8 import apply_quantization  # quantization section: fp8 DiT linears (after the fast path's
@@ -97,22 +104,25 @@ class Runtime:
         else:
             prof = load_profile(profile, **overrides)
         dev = resolve_device(device)
+        placement = resolve(prof, dev)
+        dev = placement.home
         backends.check(prof)
         if dev.type == "cuda":
-            check_fits(prof, torch.cuda.mem_get_info(dev)[0], text_encoder=text_encoder)
+            check_fits(prof, {str(d): torch.cuda.mem_get_info(d)[0] for d in placement.devices},
+                       text_encoder=text_encoder, placement=placement)
         t0 = time.perf_counter()
         try:
             te = _load_text_encoder(prof, dev) if text_encoder else None
-            models = _load_models(prof, dev)
+            models = _load_models(prof, placement)
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(oom_message(prof, dev, "loading the model weights")) from e
+            raise OutOfMemoryError(oom_message(prof, placement, "loading the model weights")) from e
         text_dim = _dit_config(prof, models, "drafter").text_dim
         if te is not None and te.config.d_model != text_dim:
             raise CheckpointError(
                 f"the text encoder's width ({te.config.d_model}) does not match the DiTs' text_dim "
                 f"({text_dim}); checkpoints.text_encoder belongs to another model family",
                 path=prof.checkpoints.text_encoder)
-        return cls(prof, dev, models, te, time.perf_counter() - t0)
+        return cls(prof, dev, models, te, time.perf_counter() - t0, placement)
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PreparedPrompt]:
@@ -156,9 +166,9 @@ class Runtime:
             return
         t0 = time.perf_counter()
         try:
-            self.loop = _build_loop(self.profile, self.models, self.device, self.dtype)
+            self.loop = _build_loop(self.profile, self.models, self.placement, self.dtype)
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(oom_message(self.profile, self.device, "allocating caches and buffers")) from e
+            raise OutOfMemoryError(oom_message(self.profile, self.placement, "allocating caches and buffers")) from e
         self.timings["allocate_s"] = time.perf_counter() - t0
 
     def warmup(self, blocks: int | None = None) -> float:
@@ -217,7 +227,7 @@ class Runtime:
                 records.append(out.record)
                 yield out
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(oom_message(self.profile, self.device, "generating (activations)")) from e
+            raise OutOfMemoryError(oom_message(self.profile, self.placement, "generating (activations)")) from e
         self.last_stats = self._stats(p, seed, tau, mode, records, self.loop.summary)
         return self.last_stats
 
@@ -239,9 +249,10 @@ class Runtime:
             "seed": seed,
             "mode": mode,
             "tau": tau,
-            "lazy_commit": self.loop.lazy_commit,
+            "lazy_commit": self.loop.defers_target_commits,
             "profile": prof.name,
             "device": str(self.device),
+            "devices": self.placement.describe(),
             "precision": prof.precision,
             "width": v.width,
             "height": v.height,
@@ -293,8 +304,9 @@ def _dit_config(prof: Profile, models: dict, kind: str):
     return models[kind].cfg if kind in models else WanDiTConfig.from_name(getattr(prof.models, kind))
 
 
-def _load_models(prof: Profile, dev: torch.device) -> dict:
-    """The torch weights of every part whose backend is torch (TensorRT parts live in their engines)."""
+def _load_models(prof: Profile, placement: Placement) -> dict:
+    """The torch weights of every part whose backend is torch (TensorRT parts live in their engines), each
+    on its part's device."""
     from .checkpoints.imagereward import load_imagereward
     from .checkpoints.wan_dit import load_dit
     from .checkpoints.wan_vae import load_vae_decoder
@@ -303,7 +315,7 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
 
     ck, m, dt = prof.checkpoints, prof.models, DTYPES[prof.precision]
     torch_parts = backends.torch_parts(prof)
-    out = {kind: load_dit(getattr(ck, kind), dev, dt, expect=getattr(m, kind))
+    out = {kind: load_dit(getattr(ck, kind), getattr(placement, kind), dt, expect=getattr(m, kind))
            for kind in ("drafter", "target") if kind in torch_parts}
     a, b = _dit_config(prof, out, "drafter"), _dit_config(prof, out, "target")
     if (a.in_dim, a.patch_size, a.text_dim, a.text_len) != (b.in_dim, b.patch_size, b.text_dim, b.text_len):
@@ -311,7 +323,7 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
                               "must be the same model family", path=ck.target,
                               expected=(a.in_dim, a.patch_size, a.text_dim), found=(b.in_dim, b.patch_size, b.text_dim))
     if "vae" in torch_parts:
-        vae = load_vae_decoder(ck.vae, dev, dt, channels_last=dev.type == "cuda")
+        vae = load_vae_decoder(ck.vae, placement.vae, dt, channels_last=placement.vae.type == "cuda")
         want = WanVAEConfig.from_name(m.vae)
         if vae.config != want:
             raise CheckpointError(f"the VAE checkpoint is not the {m.vae} architecture (models.vae)", path=ck.vae,
@@ -321,7 +333,7 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
                                   found=vae.config.z_dim)
         out["vae"] = vae
     if "scorer" in torch_parts:
-        scorer, tok = load_imagereward(ck.scorer, device=dev, dtype=DTYPES[prof.scorer_precision])
+        scorer, tok = load_imagereward(ck.scorer, device=placement.scorer, dtype=DTYPES[prof.scorer_precision])
         want_ir = ImageRewardConfig.preset(m.scorer)
         if scorer.cfg != want_ir:
             raise CheckpointError(f"the ImageReward checkpoint is not the {m.scorer} architecture (models.scorer)",
@@ -330,8 +342,9 @@ def _load_models(prof: Profile, dev: torch.device) -> dict:
     return out
 
 
-def _build_loop(prof: Profile, models: dict, dev: torch.device, dtype: torch.dtype) -> SpeculativeLoop:
-    """The components over one step per part (``backends.build``: torch or TensorRT as the profile says)."""
+def _build_loop(prof: Profile, models: dict, placement: Placement, dtype: torch.dtype) -> SpeculativeLoop:
+    """The components over one step per part (``backends.build``: torch or TensorRT as the profile says),
+    each on its part's device."""
     from . import backends, io_spec
     from .components import Decoder, Denoiser, Scorer
 
@@ -339,24 +352,26 @@ def _build_loop(prof: Profile, models: dict, dev: torch.device, dtype: torch.dty
     h, w = v.latent_height, v.latent_width
     sched = Schedule.from_steps(prof.schedule.steps, prof.schedule.shift)
     window, sink = prof.cache_geometry()
+    dev = placement.home
     graphs = prof.performance.cuda_graphs and dev.type == "cuda"
-    steps = backends.build(prof, models, dev)
+    steps = backends.build(prof, models, placement)
     den = {kind: Denoiser(steps[kind], kind, latent_shape=(v.frames_per_block, h, w), window_frames=window,
-                          sink_frames=sink, schedule=sched, device=dev, dtype=dtype, num_blocks=v.num_blocks,
-                          graphs=graphs)
+                          sink_frames=sink, schedule=sched, device=getattr(placement, kind), dtype=dtype,
+                          num_blocks=v.num_blocks, graphs=graphs)
            for kind in ("drafter", "target")}
     cfgs, geo = io_spec.model_configs(prof), io_spec.profile_geometry(prof)
     vcfg = models["vae"].config if "vae" in models else cfgs["vae"]
     decoder = Decoder(steps["vae"], *(io_spec.vae_io(vcfg, geo, prof.precision, first) for first in (True, False)),
-                      dev, graphs=graphs)
+                      placement.vae, graphs=graphs)
     icfg = models["scorer"].cfg if "scorer" in models else cfgs["scorer"]
     scorer = Scorer(steps["scorer"], _scorer_tokenizer(prof, models),
-                    io_spec.scorer_io(icfg, geo, prof.scorer_precision, prof.precision), dev, graphs=graphs)
+                    io_spec.scorer_io(icfg, geo, prof.scorer_precision, prof.precision), placement.scorer,
+                    graphs=graphs)
     return SpeculativeLoop(
         den["drafter"], den["target"], decoder, scorer, num_blocks=v.num_blocks,
         frames_per_block=v.frames_per_block, latent_hw=(h, w), pixel_hw=(v.height, v.width),
         latent_channels=_dit_config(prof, models, "drafter").in_dim, dtype=dtype, device=dev,
-        lazy_commit=prof.sampling.lazy_commit, fused_commits=prof.sampling.fused_commits,
+        lazy_commit=prof.sampling.lazy_commit, fused_commits=prof.sampling.fused_commits, placement=placement,
     )
 
 

@@ -25,7 +25,8 @@ from .video import (BackgroundVideoWriter, atomic_write_bytes, atomic_write_json
                     remove_stale_temps, slugify)
 
 SUMMARY = "summary.json"
-_PATH_FIELDS = ("name", "path", "root", "checkpoints")  # not settings: checkpoints are recorded by content
+# not settings: checkpoints are recorded by content; the devices the parts ran on do not change the output
+_PATH_FIELDS = ("name", "path", "root", "checkpoints", "devices")
 
 
 def output_stem(index: int, prompt: str, count: int) -> str:

@@ -10,6 +10,12 @@ override of the tau test; scores are still computed), with frames per second, ti
 speedup over ``target``, loop overhead over the sum of its components, and peak GPU memory.
 JSON to ``--json``; a markdown table on stdout. ``--size tiny --device cpu`` runs the same code paths
 on the tiny presets (used by the test suite; its numbers mean nothing).
+
+``--devices one,split`` times the videos on one GPU and with the target on a second GPU (drafter, VAE and
+scorer on cuda:0, target on cuda:1) in one call, checks that both placements give the same outputs bit
+for bit, and reports from per-GPU CUDA-event timelines how much of the target's commit time ran while the
+drafter's GPU was busy (``commit_overlap``). On the CPU the split runs the same two-device path with both
+sides on the CPU.
 """
 from __future__ import annotations
 
@@ -98,16 +104,34 @@ def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
-def bench_profile(size: str, device: torch.device):
-    """The benchmark's profile: the demo profile at ``size``'s models and geometry."""
+DEVICES = ("one", "split")  # --devices: every part on one device | the target on a second GPU
+
+
+def bench_profile(size: str, device: torch.device, devices: str = "one"):
+    """The benchmark's profile: the demo profile at ``size``'s models and geometry; ``devices="split"`` on
+    CUDA places the drafter, the VAE and the scorer on cuda:0 and the target on cuda:1."""
     from .profiles import demo_profile
 
     s = SIZES[size]
-    return demo_profile().replace(models__drafter=s["drafter"], models__target=s["target"], models__vae=s["vae"],
+    prof = demo_profile().replace(models__drafter=s["drafter"], models__target=s["target"], models__vae=s["vae"],
                                   models__scorer=s["scorer"],
                                   width=s["width"], height=s["height"], latent_frames=s["latent_frames"],
                                   window_frames=s["latent_frames"], sink_frames=0, name=f"bench-{size}",
                                   precision="bf16" if device.type == "cuda" else "fp32")
+    if devices == "split" and device.type == "cuda":
+        prof = prof.replace(devices__drafter="cuda:0", devices__vae="cuda:0", devices__scorer="cuda:0",
+                            devices__target="cuda:1")
+    return prof
+
+
+def bench_placement(prof, device: torch.device, devices: str):
+    """Where the parts of ``bench_profile(..., devices)`` run: checked against the visible GPUs on CUDA
+    (split needs two); on the CPU, split is the two-device path with both sides on the CPU."""
+    from .placement import Placement, resolve
+
+    if devices == "split" and device.type != "cuda":
+        return Placement.split(device, device)
+    return resolve(prof, device)
 
 
 def host_available_bytes() -> int:
@@ -122,47 +146,53 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_bench_fits(size: str, device: torch.device) -> None:
-    """Refuse a size whose weights, caches and activations do not fit the device (before building anything)."""
+def check_bench_fits(size: str, device: torch.device, devices: str = "one") -> None:
+    """Refuse a size whose weights, caches and activations do not fit the device(s) (before building anything)."""
     from .api import check_fits
     from .errors import OutOfMemoryError
 
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
+    prof = bench_profile(size, device, devices)
+    pl = bench_placement(prof, device, devices)
+    free = ({str(d): torch.cuda.mem_get_info(d)[0] for d in pl.devices} if device.type == "cuda"
+            else host_available_bytes())
     try:
-        check_fits(bench_profile(size, device), free, text_encoder=False)
+        check_fits(prof, free, text_encoder=False, placement=pl)
     except OutOfMemoryError as e:
         if device.type != "cpu":
             raise
         raise OutOfMemoryError(f"{e}; on a machine without a GPU, run `sdvg-rt bench --size tiny`") from None
 
 
-def build_runtime(size: str, device: torch.device, log=print, attention: str | None = None):
-    """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder);
+def build_runtime(size: str, device: torch.device, log=print, attention: str | None = None, devices: str = "one"):
+    """A Runtime over in-memory random models of ``size`` (no checkpoint files, no text encoder), each
+    drawn on its part's device (``devices``: ``DEVICES``; the same weights whatever the placement);
     ``attention`` overrides the profile's ``performance.attention``."""
     from .api import Runtime
     from .checkpoints.imagereward import synthetic_state_dict, synthetic_vocab_lines
     from .models.imagereward import ImageReward, ImageRewardConfig, ImageRewardTokenizer
 
     s = SIZES[size]
-    prof = bench_profile(size, device)
+    prof = bench_profile(size, device, devices)
     if attention is not None:
         prof = prof.replace(attention=attention)
+    pl = bench_placement(prof, device, devices)
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     models = {}
     for kind in ("drafter", "target"):
-        models[kind] = m = random_dit(s[kind], device, dt, seed=1 if kind == "drafter" else 2)
-        log(f"  {kind} {s[kind]}: {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B parameters")
-    models["vae"] = random_vae(s["vae"], device, dt)
+        models[kind] = m = random_dit(s[kind], getattr(pl, kind), dt, seed=1 if kind == "drafter" else 2)
+        log(f"  {kind} {s[kind]} on {getattr(pl, kind)}: {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B "
+            "parameters")
+    models["vae"] = random_vae(s["vae"], pl.vae, dt)
     icfg = ImageRewardConfig.preset(s["scorer"])
     ir = ImageReward(icfg)
     ir.load_state_dict({k: v for k, v in synthetic_state_dict(icfg, 0).items() if k in ir.state_dict()}, strict=True)
-    models["scorer"] = ir.to(device, torch.float32).eval()
+    models["scorer"] = ir.to(pl.scorer, torch.float32).eval()
     vocab = Path(tempfile.mkdtemp(prefix="sdvg-bench-")) / "vocab.txt"
     vocab.write_text("\n".join(synthetic_vocab_lines()) + "\n", encoding="utf-8")
     models["scorer_tokenizer"] = ImageRewardTokenizer(vocab)
     log(f"  models built in {time.perf_counter() - t0:.1f} s")
-    return Runtime(prof, device, models, None, time.perf_counter() - t0)
+    return Runtime(prof, pl.home, models, None, time.perf_counter() - t0, placement=pl)
 
 
 def _median_ms(fn, device, repeats: int) -> float:
@@ -227,22 +257,56 @@ def bench_components(rt, device, repeats: int, log=print, kinds=("drafter", "tar
     return out
 
 
-def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> list[dict]:
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def commit_overlap(home: list[tuple], target: list[tuple]) -> dict:
+    """How much of the target's commit time ran while the drafter's side was busy, from the two devices'
+    timelines (``Timer.spans``: ``(block, name, start_ms, end_ms)``, one time base). ``overlap`` is the
+    fraction of ``target_commit_ms`` spent beside home's work (1: every commit hidden behind the drafts)."""
+    busy = _union([(a, b) for _, _, a, b in home])
+    commits = [(a, b) for _, name, a, b in target if name == "target_commit"]
+    total = sum(b - a for a, b in commits)
+    hidden = sum(max(0.0, min(b, y) - max(a, x)) for a, b in commits for x, y in busy)
+    target_busy = sum(b - a for a, b in _union([(a, b) for _, _, a, b in target]))
+    return {"target_commit_ms": total, "overlapped_ms": hidden, "overlap": hidden / total if total else None,
+            "home_busy_ms": sum(b - a for a, b in busy), "target_busy_ms": target_busy}
+
+
+def _timeline(loop) -> list[dict]:
+    return [{"device": str(t.device), "block": blk, "name": name, "start_ms": a, "end_ms": b}
+            for t in dict.fromkeys((loop.timer, loop.target_timer)) for blk, name, a, b in t.spans]
+
+
+def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print, devices: str = "one") -> list[dict]:
     """Whole videos per (mode, acceptance rate). The first video of each run captures graphs (warm), the
-    second is timed."""
+    second is timed. With the target on a device of its own, each row also gets the overlap of the
+    target's commits with the drafter side's work in the timed video (``commit_overlap``) and the timeline."""
     from .loop import PreparedPrompt
 
     rt.allocate()
-    cfg = rt.loop.drafter.cfg
+    loop = rt.loop
+    apart = rt.placement.target_apart
+    for t in (loop.timer, loop.target_timer):
+        t.timeline = apart
+    cfg = loop.drafter.cfg
     prompt = PreparedPrompt("a red fox running through fresh snow", torch.randn(1, cfg.text_len, cfg.text_dim))
     nb = rt.profile.video.num_blocks
+    gpus = [d for d in rt.placement.devices if d.type == "cuda"]
     rows = []
     for mode, rate in runs:
         decide = pattern_decisions(accept_pattern(rate, nb)) if mode == "sdvg" else None
         for attempt in range(2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            for d in gpus:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
             t0 = time.perf_counter()
             first = None
             frames = 0
@@ -256,16 +320,48 @@ def bench_e2e(rt, device, runs: list[tuple[str, float | None]], log=print) -> li
         row = dict(mode=mode, accept_rate_set=rate, accept_rate=st["acceptance_rate"], frames=frames, wall_s=wall,
                    fps=frames / wall, first_block_s=first, components_s=comp,
                    loop_overhead=(wall - comp) / comp if comp else None,
-                   peak_GiB=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
+                   peak_GiB=(torch.cuda.max_memory_allocated(gpus[0]) / 2**30) if gpus else None,
                    decisions="".join(b["decision"][0].upper() for b in st["blocks"]),
-                   target_commits_skipped=st["totals"]["target_commits_skipped"])
+                   target_commits_skipped=st["totals"]["target_commits_skipped"], devices=devices)
+        if apart:
+            row["peak_GiB_target"] = torch.cuda.max_memory_allocated(gpus[-1]) / 2**30 if len(gpus) > 1 else None
+            row["commit_overlap"] = commit_overlap(loop.timer.spans, loop.target_timer.spans)
+            row["timeline"] = _timeline(loop)
         rows.append(row)
-        log(f"  {mode}{'' if rate is None else f' @{rate:.0%}'}: {row['fps']:.2f} fps, first block "
-            f"{first:.2f} s, decisions {row['decisions']}, loop overhead {row['loop_overhead']:.1%}")
+        ov = row.get("commit_overlap", {}).get("overlap")
+        log(f"  {mode}{'' if rate is None else f' @{rate:.0%}'} ({devices}): {row['fps']:.2f} fps, first block "
+            f"{first:.2f} s, decisions {row['decisions']}, loop overhead {row['loop_overhead']:.1%}"
+            + ("" if ov is None else f", target commits overlapped {ov:.0%}"))
+    for t in (loop.timer, loop.target_timer):
+        t.timeline = False
     base = next((r for r in rows if r["mode"] == "target"), None)
     for r in rows:
         r["speedup_vs_target"] = base["wall_s"] / r["wall_s"] if base else None
     return rows
+
+
+def placement_outputs(rt, blocks: int = 3) -> dict:
+    """A fixed sdvg prefix (forced, rejected, accepted: the self-check's pattern) for comparing placements:
+    committed latents, frames and decisions."""
+    from .loop import PreparedPrompt
+
+    rt.allocate()
+    cfg = rt.loop.drafter.cfg
+    prompt = PreparedPrompt("placement check", torch.randn(1, cfg.text_len, cfg.text_dim,
+                                                              generator=torch.Generator().manual_seed(11)))
+    frames = [b.frames for b in rt.stream(prompt, mode="sdvg", tau=0.0, seed=5, max_blocks=blocks,
+                                          decide=pattern_decisions([True, False, True, True]))]
+    n = blocks * rt.profile.video.frames_per_block
+    return {"latents": rt.loop.committed_latents()[:, :, :n].cpu(), "frames": frames,
+            "decisions": [b["decision"] for b in rt.last_stats["blocks"]]}
+
+
+def same_outputs(a: dict, b: dict) -> dict:
+    """``placement_outputs`` of two placements, compared bit for bit."""
+    return {"decisions": a["decisions"], "decisions_equal": a["decisions"] == b["decisions"],
+            "latents_equal": bool(torch.equal(a["latents"], b["latents"])),
+            "frames_equal": len(a["frames"]) == len(b["frames"])
+            and all(x.shape == y.shape and (x == y).all() for x, y in zip(a["frames"], b["frames"]))}
 
 
 def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52)) -> dict:
@@ -423,14 +519,32 @@ def markdown(res: dict) -> str:
                       f"(plain bf16 modules: {sc['ffn_plain_rel_err']:.2e})"]
         for group, (kern, eager) in (sc.get("kernels_rel_err") or {}).items():
             lines.append(f"- Triton `{group}` vs fp32: {kern:.2e} relative (eager bf16 groups: {eager:.2e})")
-    lines += ["", "| mode | accept | frames | fps | first block s | speedup vs target | loop overhead | peak GiB | decisions |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    split = res.get("split")
+    if split:
+        pl, sc, same = split["placement"], split["self_check"], split["same_as_one_device"]
+        lines += ["", f"Target on its own GPU ({', '.join(f'{k} {v}' for k, v in pl.items())}): "
+                  + ("outputs not compared (run --devices one,split)" if same is None else
+                     f"outputs vs one device ({'/'.join(same['decisions'])}): latents bit-identical: "
+                     f"{same['latents_equal']}, frames identical: {same['frames_equal']}")
+                  + ("" if sc is None or sc["graph_check"] != "run" else
+                     f"; CUDA-graph replay vs eager on both GPUs: latents {sc['latents_equal']}, frames "
+                     f"{sc['frames_equal']}, host syncs outside the named one: {sc['sync_check']}")]
+    one = {(r["mode"], r["accept_rate_set"]): r for r in res["e2e"] if r.get("devices", "one") == "one"}
+    lines += ["", "| devices | mode | accept | frames | fps | vs one GPU | first block s | speedup vs target | "
+                  "loop overhead | target commits overlapped | peak GiB | decisions |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["e2e"]:
         acc = "" if r["accept_rate"] is None else f"{r['accept_rate']:.0%}"
         pk = "" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"
+        if r.get("peak_GiB_target") is not None:
+            pk += f" + {r['peak_GiB_target']:.1f}"
         sp = "" if r["speedup_vs_target"] is None else f"{r['speedup_vs_target']:.2f}"
-        lines.append(f"| {r['mode']} | {acc} | {r['frames']} | {r['fps']:.2f} | {r['first_block_s']:.2f} | {sp} | "
-                     f"{r['loop_overhead']:.1%} | {pk} | {r['decisions']} |")
+        ref = one.get((r["mode"], r["accept_rate_set"]))
+        vs = "" if ref is None or ref is r else f"{r['fps'] / ref['fps']:.2f}x"
+        ov = (r.get("commit_overlap") or {})
+        ovs = "" if ov.get("overlap") is None else f"{ov['overlap']:.0%} of {ov['target_commit_ms']:.0f} ms"
+        lines.append(f"| {r.get('devices', 'one')} | {r['mode']} | {acc} | {r['frames']} | {r['fps']:.2f} | {vs} | "
+                     f"{r['first_block_s']:.2f} | {sp} | {r['loop_overhead']:.1%} | {ovs} | {pk} | {r['decisions']} |")
     return "\n".join(lines)
 
 
@@ -455,60 +569,95 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-weight-scaling", choices=("channel", "tensor"), default="channel")
     p.add_argument("--fp8-cross-kv", action="store_true", help="fp8: the text K/V weights in fp8 too (memory)")
     p.add_argument("--skip-self-check", action="store_true", help="skip the bf16 self-check (faster)")
+    p.add_argument("--devices", type=_devices, default=["one"], metavar="one,split",
+                   help="placements to time, side by side: one (every part on one GPU, default), split (drafter, "
+                        "VAE and scorer on cuda:0, the target on cuda:1; needs two GPUs; on --device cpu both "
+                        "sides are the CPU); one,split: both in one call, with the outputs compared bit for bit")
+
+
+def _devices(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in DEVICES]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--devices takes one, split or one,split; got {text!r}")
+    return names
 
 
 def run(a: argparse.Namespace) -> int:
     from .api import resolve_device
 
     dev = resolve_device(a.device)
-    print(f"sdvg-rt bench: size {a.size} on {dev} (random weights)", flush=True)
-    check_bench_fits(a.size, dev)
-    rt = build_runtime(a.size, dev, attention=a.attention)
-    rt.allocate()
-    impl = rt.models["target"].attention.implementation
-    if dev.type == "cuda" and impl != "fa4":
-        print("  note: attention runs on torch SDPA; on Hopper, FlashAttention-4 (pip install 'sdvg-rt[fa4]', or "
-              "tools/fa4_ferry.sh on a machine without network) makes the DiTs faster (docs/PERFORMANCE.md)",
-              flush=True)
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "size": a.size, "date": time.strftime("%Y-%m-%d"), "attention": rt.profile.performance.attention,
-           "attention_impl": impl}
-    res["self_check"] = None if a.skip_self_check else self_check(rt, dev)
-    res["components"] = bench_components(rt, dev, a.repeats)
+    print(f"sdvg-rt bench: size {a.size} on {dev} (random weights), devices {','.join(a.devices)}", flush=True)
+    for devices in a.devices:
+        check_bench_fits(a.size, dev, devices)
     runs = []
     for m in a.modes.split(","):
         if m == "sdvg":
             runs += [("sdvg", float(r)) for r in a.accept_rates.split(",")]
         else:
             runs.append((m, None))
-    res["e2e"] = bench_e2e(rt, dev, runs)
-    if dev.type == "cuda":
-        res["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    if a.quantization == "fp8":  # the same run on, with the target in fp8
-        from . import bench_fp8
+    res: dict = {}
+    order = [d for d in DEVICES if d in a.devices]  # one device first: the reference of the split's outputs
+    reference = None
+    for i, devices in enumerate(order):
+        rt = build_runtime(a.size, dev, attention=a.attention, devices=devices)
+        rt.allocate()
+        if i == 0:
+            impl = rt.models["target"].attention.implementation
+            if dev.type == "cuda" and impl != "fa4":
+                print("  note: attention runs on torch SDPA; on Hopper, FlashAttention-4 (pip install "
+                      "'sdvg-rt[fa4]', or tools/fa4_ferry.sh on a machine without network) makes the DiTs faster "
+                      "(docs/PERFORMANCE.md)", flush=True)
+            res.update({"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                        "torch": torch.__version__, "size": a.size, "date": time.strftime("%Y-%m-%d"),
+                        "attention": rt.profile.performance.attention, "attention_impl": impl,
+                        "devices": order})
+            res["self_check"] = None if a.skip_self_check else self_check(rt, dev)
+            res["components"] = bench_components(rt, dev, a.repeats)
+            res["e2e"] = bench_e2e(rt, dev, runs, devices=devices)
+        else:
+            sc = None if a.skip_self_check else self_check(rt, dev)
+            res["e2e"] += bench_e2e(rt, dev, runs, devices=devices)
+        if devices == "one" and "split" in order:
+            reference = placement_outputs(rt)
+        if devices == "split":
+            res["split"] = {"placement": rt.placement.describe(), "self_check": res["self_check"] if i == 0 else sc,
+                            "same_as_one_device": None if reference is None
+                            else same_outputs(placement_outputs(rt), reference)}
+        if dev.type == "cuda":
+            res.setdefault("peak_GiB", torch.cuda.max_memory_allocated() / 2**30)
+        if a.quantization == "fp8" and i == 0:  # the same run on, with the target in fp8
+            from . import bench_fp8
 
-        def partial(fp8_res):
-            if a.json:
-                atomic_write_json(a.json, {**res, "fp8": fp8_res, "partial": True})
+            def partial(fp8_res):
+                if a.json:
+                    atomic_write_json(a.json, {**res, "fp8": fp8_res, "partial": True})
 
-        print(markdown(res), flush=True)
-        res["fp8"] = bench_fp8.run_fp8(rt, dev, a, runs, checkpoint=partial)
+            print(markdown(res), flush=True)
+            res["fp8"] = bench_fp8.run_fp8(rt, dev, a, runs, checkpoint=partial)
+        if i + 1 < len(order):
+            rt.close()  # the next placement's weights take its place
+            del rt
     md = markdown(res)
     if "fp8" in res:
         from .bench_fp8 import markdown as fp8_markdown
 
-        md += "\n" + fp8_markdown(res["fp8"], res["components"], res["e2e"])
+        md += "\n" + fp8_markdown(res["fp8"], res["components"], [r for r in res["e2e"] if r["devices"] == order[0]])
     print(md)
     if a.json:
         atomic_write_json(a.json, res)
-    checks = [res["self_check"], res.get("fp8", {}).get("self_check")]
-    if any(sc is not None and sc.get("graph_check", "run") == "run"
-           and not (sc["latents_equal"] and sc["frames_equal"] and sc.get("sync_check", "passed") == "passed")
-           for sc in checks):
+    checks = [res["self_check"], res.get("fp8", {}).get("self_check"), (res.get("split") or {}).get("self_check")]
+    failed = any(sc is not None and sc.get("graph_check", "run") == "run"
+                 and not (sc["latents_equal"] and sc["frames_equal"] and sc.get("sync_check", "passed") == "passed")
+                 for sc in checks)
+    if failed:
         print("SELF-CHECK FAILED: CUDA-graph replay differs from eager execution, or the block loop synced "
               "outside its named sync (see the table above)", file=sys.stderr)
-        return 1
-    return 0
+    same = (res.get("split") or {}).get("same_as_one_device")
+    if same is not None and not (same["latents_equal"] and same["frames_equal"] and same["decisions_equal"]):
+        print("PLACEMENT CHECK FAILED: the target on its own GPU gives other outputs than one GPU", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

@@ -15,9 +15,14 @@ block index and no host syncs; on the GPU each runs as a CUDA graph (``backends.
 keyed by what it bakes in: ("denoise", block), ("commit", block) for a denoiser, ("decode", block 0?,
 parity) for the decoder, (frames, source address) for the scorer. Methods return views of the
 component's (or its step's) buffers, valid until the next call of the same kind.
+
+Each component lives on its own device (the profile's ``devices``: the target may have a GPU of its
+own) and makes that device current for its per-prompt and per-block work (``on_own_device``): Triton
+and FlashAttention-4 kernels, TensorRT enqueues and graph captures run on the current device.
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -69,6 +74,17 @@ class ScoreStep(Protocol):
 # --------------------------------------------------------------------------------------------------
 # Components
 
+def on_own_device(method):
+    """Run a component method with the component's CUDA device current (nothing to do on the CPU)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Denoiser:
     """One block-causal DiT with its preallocated state (``kind`` is "drafter" or "target")."""
 
@@ -103,6 +119,7 @@ class Denoiser:
 
     # ---- per prompt ------------------------------------------------------------------------------
     @torch.no_grad()
+    @on_own_device
     def prepare(self, context: torch.Tensor) -> None:
         """context [1, T, text_dim] (host or device, padding rows zero) -> ctx_kv, once per prompt."""
         if tuple(context.shape) != tuple(self.context.shape):
@@ -116,6 +133,7 @@ class Denoiser:
 
     # ---- per block -------------------------------------------------------------------------------
     @torch.no_grad()
+    @on_own_device
     def denoise_block(self, block: int) -> torch.Tensor:
         """4 denoising steps of ``block`` (noise from (seed, block, step)) -> clean latent [1, 16, F, h, w].
 
@@ -138,6 +156,7 @@ class Denoiser:
         self.out.copy_(self.x0)
 
     @torch.no_grad()
+    @on_own_device
     def commit_block(self, block: int, x: torch.Tensor) -> None:
         """t = 0 forward on the clean latent x [1, 16, F, h, w]: writes the block's clean K/V (output unused).
         Under a CUDA graph x is first copied into the graph's static input."""
@@ -147,6 +166,7 @@ class Denoiser:
         self.graphs.run(("commit", block), lambda: self.step.write_kv(block, x, self.t[-1]))
 
     @torch.no_grad()
+    @on_own_device
     def commit_blocks(self, blocks: list[int], xs: torch.Tensor, fused: bool = False) -> None:
         """Commit consecutive ``blocks`` whose latents are ``xs`` [k, 1, 16, F, h, w].
 
@@ -214,6 +234,7 @@ class Decoder:
         self.state.reset()
 
     @torch.no_grad()
+    @on_own_device
     def decode_scratch(self, z: torch.Tensor, block: int) -> torch.Tensor:
         """Decode a block from the committed state into the scratch state; the committed state is untouched."""
         first, src = block == 0, self.state.parity
@@ -265,6 +286,7 @@ class Scorer:
         self.mask.copy_(mask, non_blocking=True)
 
     @torch.no_grad()
+    @on_own_device
     def score(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [1, 3, N, H, W] in [-1, 1] (the decoder's output) -> per-frame rewards [N] float32.
         Under CUDA graphs one graph per input buffer (the decoder's static frame buffers)."""

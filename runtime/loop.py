@@ -7,7 +7,7 @@
           sdvg: frames_d = vae.decode_scratch(xd); s = block_score(imagereward(frames_d))  (worst frame)
       SYNC (the only one of the block): read the decision inputs (scores, finiteness)
       decision = decide(mode, b, s, tau, finite)
-      accepted: drafter.commit(b, xd); target.commit(b, xd) now or lazily; vae.keep_scratch()
+      accepted: drafter.commit(b, xd); target.commit(b, xd) (sdvg) lazily or now; vae.keep_scratch()
       forced / rejected: target.commit(pending accepted blocks); x = target.denoise(b);
                          target.commit(b, x); drafter.commit(b, x) (sdvg); frames = vae.decode_commit(x)
       draft mode: drafter.commit(b, xd); frames = vae.decode_commit(xd)
@@ -22,6 +22,14 @@ otherwise. Its committed latents and frames are checked for NaN/inf (``Numerical
 block). Commits of the last block are never run (nothing reads them); with lazy commits, accepted blocks
 reach the target's cache only when the target is next needed, and those still pending at the end are
 skipped.
+
+With the target on a device of its own (the profile's ``devices``: ``placement``), the loop's buffers and
+its sync live on the drafter's side. A committed block crosses to the target (accepted) or from it
+(target block) in one async copy, and an accepted block's target commit is enqueued as soon as it is
+decided, so it runs while the drafter's side works on the next block. The per-block sync waits for the
+drafter's side only; the target's queue is waited for where its output is needed (a target block) and
+by the prepare and final syncs (``placement.CrossDevice``). On one device the work runs in the order
+above.
 
 Noise comes only from the (seed, block, step) stream of each denoiser, so decisions never shift it and
 ``sdvg`` with tau = +inf reproduces ``target`` bit for bit.
@@ -41,6 +49,7 @@ from .components import Decoder, Denoiser, Scorer
 from .decide import ACCEPTED, CommitQueue, Decision, block_score, check_mode, check_tau, decide, drafts, scores
 from .errors import NumericalError
 from .models.imagereward import quantise_frames
+from .placement import Placement, link_for
 from .stats import BlockRecord, Timer, summarize
 
 
@@ -86,7 +95,7 @@ class SpeculativeLoop:
     def __init__(self, drafter: Denoiser, target: Denoiser, decoder: Decoder, scorer: Scorer, *, num_blocks: int,
                  frames_per_block: int, latent_hw: tuple[int, int], pixel_hw: tuple[int, int], latent_channels: int,
                  dtype: torch.dtype, device, lazy_commit: bool = True, fused_commits: bool = False,
-                 decide: DecideFn = decide):
+                 decide: DecideFn = decide, placement: Placement | None = None):
         self.drafter, self.target, self.decoder, self.scorer = drafter, target, decoder, scorer
         self.decide = decide
         self.num_blocks, self.frames_per_block = num_blocks, frames_per_block
@@ -109,20 +118,34 @@ class SpeculativeLoop:
         # uint8 quantisation of a block's frames computes here (float32 [frames, H, W, 3]), not in temporaries
         self.frames_levels = torch.zeros(self.max_frames, H, W, 3, dtype=torch.float32, device=device)
         self._sync_hook: Callable[[Callable[[], None]], None] | None = None  # ``sync_hook``
+        # where the target runs: the latents it commits, how blocks cross, its timer (one device: the loop's)
+        self.placement = Placement.one(self.device) if placement is None else placement
+        self.link = link_for(self.placement, self.latents, self.timer)
+        self.target_timer = self.link.timer
+
+    @property
+    def defers_target_commits(self) -> bool:
+        """Whether accepted drafts wait in the lazy queue (one device with ``lazy_commit``)."""
+        return self.lazy_commit and self.link.defers_target_commits
 
     # ---- per prompt ------------------------------------------------------------------------------
     def prepare(self, prompt: PreparedPrompt, seed: int) -> dict[str, float]:
         """Per-prompt work outside the block loop; returns its times (ms) per component."""
         times = {}
-        for name, comp in (("drafter", self.drafter), ("target", self.target)):
-            with self.timer.span(name):
+        self.link.begin()
+        for name, comp, timer in (("drafter", self.drafter, self.timer), ("target", self.target, self.target_timer)):
+            with timer.span(name):
                 comp.prepare(prompt.context)
                 comp.set_seed(seed)
         with self.timer.span("scorer"):
             self.scorer.prepare(prompt.text)
         self.decoder.reset()
+        self.link.join()
         self._sync()
         times.update(self.timer.collect(-1))
+        times.update(self.target_timer.collect(-1))
+        self.timer.mark_origin()
+        self.target_timer.mark_origin()
         return times
 
     def _sync(self) -> None:
@@ -163,11 +186,13 @@ class SpeculativeLoop:
         mode, tau = check_mode(mode), check_tau(tau)
         decide = self.decide if decide is None else decide
         t0 = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        cuda = [d for d in self.placement.devices if d.type == "cuda"]
+        for d in cuda:
+            torch.cuda.reset_peak_memory_stats(d)
         self.timer.clear()
+        self.target_timer.clear()
         prepare_ms = self.prepare(prompt, seed)
-        queue = CommitQueue(lazy=self.lazy_commit)
+        queue = CommitQueue(lazy=self.defers_target_commits)
         n = self.num_blocks if max_blocks is None else min(max_blocks, self.num_blocks)
         records: list[BlockRecord] = []
         pending: BlockRecord | None = None  # block whose frames are in flight to the host
@@ -203,11 +228,13 @@ class SpeculativeLoop:
                 pending = None
             if d.kind == ACCEPTED:
                 self.latents[b].copy_(xd)
+                to_target = queue.on_accept(b) if mode == "sdvg" and not last else []
+                self.link.to_target(to_target)  # target apart: the block leaves for its device now
                 if not last:
                     with self.timer.span("draft_commit", b):
                         self.drafter.commit_block(b, self.latents[b])
                 if mode == "sdvg":
-                    self._commit_target(queue.on_accept(b) if not last else [], rec, b)
+                    self._commit_target(to_target, rec, b)
                     self.decoder.keep_scratch()
                     frames = frames_d
                 else:  # draft mode
@@ -215,12 +242,12 @@ class SpeculativeLoop:
                         frames = self.decoder.decode_commit(self.latents[b], b)
             else:  # forced or rejected: the target generates the block
                 self._commit_target(queue.due(), rec, b)
-                with self.timer.span("target_denoise", b):
+                with self.target_timer.span("target_denoise", b):
                     x = self.target.denoise_block(b)
-                self.latents[b].copy_(x)
+                xt = self.link.from_target(b, x)  # latents[b] = x; xt: the target's own view of it
                 if not last:
-                    with self.timer.span("target_commit", b):
-                        self.target.commit_block(b, self.latents[b])
+                    with self.target_timer.span("target_commit", b):
+                        self.target.commit_block(b, xt)
                     rec.target_commits.append(b)
                     if mode == "sdvg":
                         with self.timer.span("draft_commit", b):
@@ -238,12 +265,15 @@ class SpeculativeLoop:
             self.frames_dev[:nf].copy_(quantise_frames(frames[0].permute(1, 2, 3, 0), out=self.frames_levels[:nf]))
             self.frames_host[:nf].copy_(self.frames_dev[:nf], non_blocking=True)
             pending = rec
-        # 5. the final sync: emit the last block, summarise
+        # 5. the final sync (after the target's queue too): emit the last block, summarise
+        self.link.join()
         self._sync_status()
         if pending is not None:
             yield self._emit(pending, records)
+        for r in records:  # target apart: its times, complete only now
+            r.times_ms.update(self.target_timer.collect(r.block))
         skipped = queue.skipped()
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        peak = max(torch.cuda.max_memory_allocated(d) for d in cuda) if cuda else None
         self.summary = summarize(records, wall_s=time.perf_counter() - t0, prepare_ms=prepare_ms,
                                  skipped_target_commits=skipped, peak_gpu_memory_bytes=peak)
         return self.summary
@@ -251,8 +281,9 @@ class SpeculativeLoop:
     def _commit_target(self, blocks: list[int], rec: BlockRecord, b: int) -> None:
         if not blocks:
             return
-        with self.timer.span("target_commit", b):
-            self.target.commit_blocks(blocks, self.latents[blocks[0]:blocks[-1] + 1], fused=self.fused_commits)
+        with self.target_timer.span("target_commit", b):
+            self.target.commit_blocks(blocks, self.link.target_latents[blocks[0]:blocks[-1] + 1],
+                                      fused=self.fused_commits)
         rec.target_commits.extend(blocks)
 
     def _sync_status(self) -> None:
@@ -286,7 +317,7 @@ class SpeculativeLoop:
         """Every preallocated tensor of the loop and its components (memory accounting, tests)."""
         out = {"loop.latents": self.latents, "loop.status": self.status, "loop.status_host": self.status_host,
                "loop.frames_dev": self.frames_dev, "loop.frames_levels": self.frames_levels,
-               "loop.frames_host": self.frames_host}
+               "loop.frames_host": self.frames_host, **self.link.state_tensors()}
         for name, comp in (("drafter", self.drafter), ("target", self.target), ("vae", self.decoder),
                            ("scorer", self.scorer)):
             out.update({f"{name}.{k}": v for k, v in comp.state_tensors().items()})

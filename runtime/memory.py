@@ -62,29 +62,81 @@ def vcfg_params(vcfg) -> int:
 ACTIVATION_RESERVE_BYTES_832x480 = 4 * 2**30
 
 
-def check_fits(profile: Profile, free_bytes: int, *, text_encoder: bool = True) -> dict[str, int]:
+def _part(item: str) -> str:
+    """The part a ``memory_plan`` item belongs to (its device holds it)."""
+    for part, prefix in (("drafter", "drafter"), ("target", "target"), ("vae", "VAE"), ("scorer", "ImageReward")):
+        if item.startswith(prefix):
+            return part
+    raise KeyError(item)
+
+
+def device_plans(profile: Profile, placement=None) -> dict[str, dict[str, int]]:
+    """``memory_plan`` split per device of ``placement`` (default: one device, named "device"), each with
+    its activation reserve: every device in use runs its parts' forwards and holds their graphs."""
+    plan = memory_plan(profile)
+    v = profile.video
+    reserve = int(ACTIVATION_RESERVE_BYTES_832x480 * (v.latent_height * v.latent_width) / (60 * 104))
+    if placement is None:
+        return {"device": {**plan, "activations and graph pool (reserve)": reserve}}
+    out = {}
+    for dev in placement.devices:
+        parts = placement.parts_on(dev)
+        out[str(dev)] = {**{k: b for k, b in plan.items() if _part(k) in parts},
+                         "activations and graph pool (reserve)": reserve}
+    return out
+
+
+def check_fits(profile: Profile, free_bytes: int | dict[str, int], *, text_encoder: bool = True,
+               placement=None) -> dict[str, int]:
     """Before anything is loaded: do the profile's weights, caches, states and activations fit in
     ``free_bytes``? Two peaks are checked: loading (weights plus the text encoder, which is freed before
-    the caches are allocated) and generating (weights, caches, states, activations). Raises
-    ``OutOfMemoryError`` with the table; returns the plan."""
-    plan = dict(memory_plan(profile))
-    v = profile.video
-    plan["activations and graph pool (reserve)"] = int(
-        ACTIVATION_RESERVE_BYTES_832x480 * (v.latent_height * v.latent_width) / (60 * 104))
-    weights = sum(b for k, b in plan.items() if "weights" in k)
+    the caches are allocated) and generating (weights, caches, states, activations). With ``placement``
+    (``placement.Placement``) the plan is made per device, ``free_bytes`` then maps each device's name to
+    its free bytes, and the text encoder loads on the drafter side's device. Raises ``OutOfMemoryError``
+    with the table of every device; returns the plan (every item once, the devices' reserves added up)."""
+    plans = device_plans(profile, placement if placement is not None and len(placement.devices) > 1 else None)
+    if not isinstance(free_bytes, dict):
+        free_bytes = {name: free_bytes for name in plans}
+    elif len(plans) == 1:
+        free_bytes = {"device": next(iter(free_bytes.values()))}
     te = 0
     te_path = Path(profile.checkpoints.text_encoder)
     if text_encoder and te_path.is_file():
         te = te_path.stat().st_size  # bf16 on disk, bf16 on the device
-    need_load, need_run = weights + te, sum(plan.values())
-    if max(need_load, need_run) > free_bytes:
-        rows = "\n    ".join(f"{k:40s} {b / 2**30:7.2f} GiB" for k, b in plan.items())
+    verdicts, fail = [], False
+    for i, (name, plan) in enumerate(plans.items()):
+        weights = sum(b for k, b in plan.items() if "weights" in k)
+        te_here = te if i == 0 else 0  # the drafter side's device (home) comes first
+        need_load, need_run, free = weights + te_here, sum(plan.values()), free_bytes[name]
+        fits = max(need_load, need_run) <= free
+        fail = fail or not fits
+        verdicts.append((name, plan, need_load, need_run, free, te_here, fits))
+    if fail:
+        if len(verdicts) == 1:
+            _, plan, need_load, need_run, free, te_here, _ = verdicts[0]
+            rows = "\n    ".join(f"{k:40s} {b / 2**30:7.2f} GiB" for k, b in plan.items())
+            raise OutOfMemoryError(
+                f"profile {profile.name!r} does not fit this device: generating needs {need_run / 2**30:.1f} GiB "
+                f"and loading (weights + text encoder {te_here / 2**30:.1f} GiB) {need_load / 2**30:.1f} GiB, but "
+                f"{free / 2**30:.1f} GiB are free.\n    {rows}\n  Use a smaller cache window "
+                f"(cache.window_frames with a sink), a lower resolution, or a GPU with more memory")
+        tables = []
+        for name, plan, need_load, need_run, free, te_here, fits in verdicts:
+            parts = ", ".join(placement.parts_on(torch.device(name)))
+            rows = "\n      ".join(f"{k:40s} {b / 2**30:7.2f} GiB" for k, b in plan.items())
+            tables.append(f"{name} ({parts}): generating needs {need_run / 2**30:.1f} GiB and loading (weights"
+                          f"{f' + text encoder {te_here / 2**30:.1f} GiB' if te_here else ''}) "
+                          f"{need_load / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+                          f"{'' if fits else ': DOES NOT FIT'}\n      {rows}")
         raise OutOfMemoryError(
-            f"profile {profile.name!r} does not fit this device: generating needs {need_run / 2**30:.1f} GiB "
-            f"and loading (weights + text encoder {te / 2**30:.1f} GiB) {need_load / 2**30:.1f} GiB, but "
-            f"{free_bytes / 2**30:.1f} GiB are free.\n    {rows}\n  Use a smaller cache window "
-            f"(cache.window_frames with a sink), a lower resolution, or a GPU with more memory")
-    return plan
+            f"profile {profile.name!r} does not fit its devices (devices: {placement.describe()}):\n    "
+            + "\n    ".join(tables) + "\n  Use a smaller cache window (cache.window_frames with a sink), a lower "
+            "resolution, GPUs with more memory, or another split of the parts (devices.<part>)")
+    merged: dict[str, int] = {}
+    for _, plan, *_ in verdicts:  # each item once; the reserves of all devices added up
+        for k, b in plan.items():
+            merged[k] = merged.get(k, 0) + b
+    return merged
 
 
 def _meta_dit(cfg):
@@ -94,13 +146,28 @@ def _meta_dit(cfg):
         return WanDiT(cfg)
 
 
-def oom_message(profile: Profile, device: torch.device, what: str) -> str:
-    plan = memory_plan(profile)
-    lines = "; ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
-    free = ""
-    if device.type == "cuda":
-        f, t = torch.cuda.mem_get_info(device)
-        free = f" The device has {t / 2**30:.1f} GiB ({f / 2**30:.1f} GiB free now)."
-    return (f"out of device memory while {what}. Needs: {lines} (plus activations; the text encoder is "
-            f"freed before caches are allocated).{free} Use a profile with a smaller cache window "
+def oom_message(profile: Profile, where, what: str) -> str:
+    """The out-of-memory message: what each part needs, per device of ``where`` (a ``placement.Placement``
+    or one device), with each CUDA device's size and free memory now."""
+    from .placement import Placement
+
+    pl = where if isinstance(where, Placement) else Placement.one(where)
+
+    def free(dev, label):
+        if dev.type != "cuda":
+            return ""
+        f, t = torch.cuda.mem_get_info(dev)
+        return f" {label} has {t / 2**30:.1f} GiB ({f / 2**30:.1f} GiB free now)."
+    if len(pl.devices) == 1:
+        lines = "; ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory_plan(profile).items())
+        needs = f"Needs: {lines} (plus activations; the text encoder is freed before caches are allocated)."
+        needs += free(pl.home, "The device")
+    else:
+        per = []
+        for (name, plan), dev in zip(device_plans(profile, pl).items(), pl.devices):
+            lines = "; ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items() if not k.startswith("activations"))
+            per.append(f"on {name} ({', '.join(pl.parts_on(dev))}): {lines}.{free(dev, name)}")
+        needs = ("Needs, per device (plus activations; the text encoder is freed before caches are allocated): "
+                 + " ".join(per))
+    return (f"out of device memory while {what}. {needs} Use a profile with a smaller cache window "
             f"(cache.window_frames) or resolution, or a GPU with more memory")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,6 +29,7 @@ ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")  # m
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
 COMPONENTS = ("drafter", "target", "vae", "scorer")
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # devices.<part>
 
 
 def _shipped_profiles_dir() -> Path:
@@ -145,6 +147,18 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Devices:
+    """Where each part runs (``cpu``, ``cuda`` or ``cuda:N``); unset: the runtime's device (``--device``).
+    The drafter, the VAE and the scorer share one device (a draft is decoded and scored where it is made);
+    the target may have its own (``sdvg_rt.placement``)."""
+
+    drafter: str | None = None
+    vae: str | None = None
+    scorer: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class Sampling:
     mode: str = "sdvg"
     tau: float = -0.7
@@ -177,6 +191,7 @@ class Profile:
     quantization: Quantization = Quantization()
     sampling: Sampling = Sampling()
     output: Output = Output()
+    devices: Devices = Devices()
 
     def cache_geometry(self) -> tuple[int, int]:
         """(window_frames, sink_frames) actually allocated: a window covering the whole video is cut to it."""
@@ -201,6 +216,7 @@ _SECTIONS = {
     "quantization": Quantization,
     "sampling": Sampling,
     "output": Output,
+    "devices": Devices,
 }
 _TOP = ("name", "root", "precision", "scorer_precision")
 
@@ -299,6 +315,11 @@ def _coerce(cls, f, v, where: str, path, base: Path):
 
             return resolve_hf(v, path=path, field=where)
         return _local_path(v, base)
+    if cls is Devices:
+        if not isinstance(v, str) or not DEVICE_NAME.fullmatch(v):
+            raise ProfileError(f"must be a device name: cpu, cuda or cuda:N (e.g. cuda:1), got {v!r}; leave it "
+                               "out to use the runtime's device (--device)", path=path, field=where)
+        return v
     if isinstance(default, bool):
         if not isinstance(v, bool):
             raise ProfileError(f"must be true or false, got {v!r}", path=path, field=where)
@@ -387,6 +408,12 @@ def validate(p: Profile) -> None:
         bad("output.crf", f"must be in 0..51 (libx264), got {o.crf}")
     if o.preset not in X264_PRESETS:
         bad("output.preset", f"must be a libx264 preset ({', '.join(X264_PRESETS)}), got {o.preset!r}")
+    side = [(k, getattr(p.devices, k)) for k in ("drafter", "vae", "scorer") if getattr(p.devices, k) is not None]
+    for k, dev in side[1:]:
+        if dev.replace("cuda:0", "cuda") != side[0][1].replace("cuda:0", "cuda"):
+            bad(f"devices.{k}", f"is {dev} but devices.{side[0][0]} is {side[0][1]}: the drafter, the VAE and the "
+                "scorer share one device (a draft is decoded and scored where it is made); only the target may "
+                "have its own. Give them the same device")
     from .models.imagereward import PRESETS as IR_PRESETS
     from .models.wan_dit import PRESETS as DIT_PRESETS
     from .models.wan_vae import VAE_PRESETS

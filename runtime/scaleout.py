@@ -14,7 +14,9 @@ they say without writing again, so a unit may safely be handed out twice.
   ``workers`` of them). A bundle always lies on one node, so a worker that needs two GPUs of one host
   (one actor per GPU pair) is ``Placement(gpus_per_worker=2)``; ``strategy`` is the placement group's
   (``PACK`` fills nodes in turn, ``SPREAD`` spreads the actors). Ray sets ``CUDA_VISIBLE_DEVICES`` for
-  each actor to its bundle's GPUs, so the job sees them as ``cuda:0`` (and ``cuda:1``).
+  each actor to its bundle's GPUs, so the job sees them as ``cuda:0`` (and ``cuda:1``). A profile whose
+  ``devices`` section puts the target on a GPU of its own asks for two GPUs per actor by default
+  (``placement_from_args``), and its devices are renumbered onto the actor's (``placement.for_worker``).
   The driver hands one unit at a time to each idle actor (a pull work list: fast GPUs take more). An
   actor that dies (``max_restarts`` times at most; Ray restarts it inside its reserved bundle) has its
   unit re-queued at the front, for whichever actor is free first; a unit that killed its worker
@@ -297,10 +299,13 @@ def run_on_ray(prof, todo: list[dict], out: Path, args) -> None:
     from tqdm import tqdm
 
     units = [dict(e, key=e["video"]) for e in todo]
-    make_job = functools.partial(RunJob, prof, str(out.resolve()), [e["prompt"] for e in todo], args.save_latents)
+    from .placement import for_worker
+
+    make_job = functools.partial(RunJob, for_worker(prof), str(out.resolve()), [e["prompt"] for e in todo],
+                                 args.save_latents)
     with tqdm(total=len(units), desc="prompts", unit="video", file=sys.stderr, disable=args.quiet) as bar:
         rep = execute(units, make_job, ray_address=args.ray,
-                      placement=placement_from_args(args), use_ray=True,
+                      placement=placement_from_args(args, prof), use_ray=True,
                       on_result=lambda unit, res: bar.update(1))
     by_key = {e["video"]: e for e in todo}
     for key, res in rep.results.items():
@@ -309,9 +314,30 @@ def run_on_ray(prof, todo: list[dict], out: Path, args) -> None:
         print(f"sdvg-rt: {rep.retries} prompt(s) re-queued after a Ray worker died", file=sys.stderr)
 
 
-def placement_from_args(args) -> Placement:
-    return Placement(workers=args.ray_workers, gpus_per_worker=args.ray_gpus_per_worker,
-                     cpus_per_worker=args.ray_cpus_per_worker)
+def worker_placement(profile, workers: int | None = None, gpus_per_worker: int | None = None,
+                     cpus_per_worker: int = 2) -> Placement:
+    """One actor per GPU group of ``profile``: as many GPUs per actor as its ``devices`` section uses
+    (``placement.worker_gpus``: two with the target on its own GPU, one otherwise) unless
+    ``gpus_per_worker`` says more; fewer than it uses is refused."""
+    from .placement import worker_gpus
+
+    need = max(1, worker_gpus(profile)[0])
+    if gpus_per_worker is not None and gpus_per_worker < need:
+        raise SdvgError(f"--ray-gpus-per-worker {gpus_per_worker}: profile {profile.name!r} places its parts on "
+                        f"{need} GPUs (devices: {_named_devices(profile)}), so each actor needs {need}; give "
+                        f"--ray-gpus-per-worker {need} (or leave it out), or remove the devices section")
+    return Placement(workers=workers, gpus_per_worker=need if gpus_per_worker is None else gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker)
+
+
+def _named_devices(profile) -> dict:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(profile.devices).items() if v is not None}
+
+
+def placement_from_args(args, profile) -> Placement:
+    return worker_placement(profile, args.ray_workers, args.ray_gpus_per_worker, args.ray_cpus_per_worker)
 
 
 def add_ray_arguments(p) -> None:
@@ -321,8 +347,10 @@ def add_ray_arguments(p) -> None:
                    help="run on Ray: no ADDRESS starts a local cluster (or joins RAY_ADDRESS); 'auto' joins the "
                         "running one; ray://host:10001 a remote one")
     g.add_argument("--ray-workers", type=_positive, default=None, metavar="N",
-                   help="actors (default: one per GPU, or per --ray-gpus-per-worker GPUs; 1 without GPUs)")
-    g.add_argument("--ray-gpus-per-worker", type=_positive, default=1, metavar="G", help="GPUs per actor (default 1)")
+                   help="actors (default: one per GPU group of --ray-gpus-per-worker GPUs; 1 without GPUs)")
+    g.add_argument("--ray-gpus-per-worker", type=_positive, default=None, metavar="G",
+                   help="GPUs per actor (default: the GPUs the profile's devices section uses: 2 with the target "
+                        "on its own GPU, else 1)")
     g.add_argument("--ray-cpus-per-worker", type=_positive, default=2, metavar="C",
                    help="CPUs per actor (default 2; on CPU-only clusters also its torch threads)")
 

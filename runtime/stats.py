@@ -14,11 +14,20 @@ import torch
 
 class Timer:
     """Named spans per block without host syncs: ``with timer.span("score", b): ...``, then
-    ``collect(b)`` once a sync has passed them (CUDA events are read only then)."""
+    ``collect(b)`` once a sync has passed them (CUDA events are read only then). On CUDA each span's
+    events are recorded on the current stream of the timer's ``device``.
+
+    ``timeline = True`` (the benchmark) also keeps each collected span as ``(block, name, start_ms,
+    end_ms)`` in ``spans``, in ms after the origin that ``mark_origin`` records (after a sync, when the
+    device is idle; timers of two devices marked then share a time base up to microseconds)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self._done: list[tuple[int, str, object, object]] = []
+        self.timeline = False
+        self.spans: list[tuple[int, str, float, float]] = []
+        self._origin = None
 
     def span(self, name: str, block: int = -1) -> _Span:
         return _Span(self, name, block)
@@ -26,9 +35,17 @@ class Timer:
     def _now(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
             return ev
         return time.perf_counter()
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def mark_origin(self) -> None:
+        """The timeline's zero (only with ``timeline``)."""
+        if self.timeline:
+            self._origin = self._now()
 
     def collect(self, block: int = -1) -> dict[str, float]:
         """Milliseconds per name over the spans of ``block`` (they must be complete: call after a sync)."""
@@ -39,13 +56,18 @@ class Timer:
             if blk != block:
                 keep.append(item)
                 continue
-            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            ms = self._ms(a, b)
             out[name] = out.get(name, 0.0) + ms
+            if self.timeline and self._origin is not None:
+                start = self._ms(self._origin, a)
+                self.spans.append((blk, name, start, start + ms))
         self._done = keep
         return out
 
     def clear(self) -> None:
         self._done.clear()
+        self.spans.clear()
+        self._origin = None
 
 
 class _Span:

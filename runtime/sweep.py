@@ -324,7 +324,10 @@ def cmd_sweep(args) -> int:
     total = len(unit_list) * len(names)
     if done:
         print(f"{done} of {total} record(s) already in {out}; making the other {total - done}", file=sys.stderr)
-    make_job = functools.partial(SweepJob, prof, str(out), sorted({u["prompt"] for u in unit_list}), args.taus,
+    from .placement import for_worker
+
+    make_job = functools.partial(SweepJob, for_worker(prof) if args.ray is not None else prof, str(out),
+                                 sorted({u["prompt"] for u in unit_list}), args.taus,
                                  metric_names, args.metrics_module, not args.no_videos,
                                  None if args.ray is not None else args.device)
     t0 = time.perf_counter()
@@ -332,7 +335,7 @@ def cmd_sweep(args) -> int:
         def tick():  # Ray: the records on the shared folder are the progress
             bar.update(len(collect_paths(out, unit_list, names)) - bar.n)
         rep = execute(unit_list, make_job, use_ray=args.ray is not None, ray_address=args.ray,
-                      placement=placement_from_args(args) if args.ray is not None else None,
+                      placement=placement_from_args(args, prof) if args.ray is not None else None,
                       on_output=bar.update, on_tick=tick)
         tick()
     rows = collect(out, unit_list, names)

@@ -13,6 +13,7 @@ from sdvg_rt import decide as _decide
 from sdvg_rt.backends import torch_backend
 from sdvg_rt.backends.graphs import CudaGraphs
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
+from sdvg_rt.placement import Placement
 from sdvg_rt.profiles import demo_profile
 
 COMPONENTS = ("drafter", "target", "decoder", "scorer")
@@ -34,6 +35,16 @@ def tiny_runtime(tmp_path_factory, prompts=("a red fox running through fresh sno
     r.release_text_encoder()
     r.allocate()
     return r
+
+
+def split_twin(rt) -> Runtime:
+    """An allocated Runtime over ``rt``'s models (and prompts) whose target runs through the two-device
+    path (``Placement.split``) with both sides on ``rt``'s device: on the CPU, the cross-device copies,
+    the target's mirror of the latents and its commits enqueued when decided, with no-op streams."""
+    twin = Runtime(rt.profile, rt.device, rt.models, None, 0.0, placement=Placement.split(rt.device, rt.device))
+    twin.prompts = rt.prompts
+    twin.allocate()
+    return twin
 
 
 def components(rt) -> dict:

@@ -60,23 +60,65 @@ def test_full_size_on_a_cpu_machine_is_refused_with_the_fit_table(monkeypatch, c
     bench.check_bench_fits("tiny", bench.torch.device("cpu"))  # the tiny size fits
 
 
+def test_commit_overlap_counts_target_commit_time_beside_the_drafter_side():
+    from sdvg_rt.bench import commit_overlap
+
+    home = [(1, "draft_denoise", 0.0, 10.0), (1, "vae_decode_scratch", 10.0, 15.0), (2, "draft_denoise", 20.0, 30.0)]
+    target = [(0, "target_denoise", 0.0, 4.0), (1, "target_commit", 12.0, 22.0), (2, "target_commit", 40.0, 45.0)]
+    ov = commit_overlap(home, target)
+    # block 1's commit runs beside the VAE (12-15) and block 2's draft (20-22): 5 of its 10 ms; block 2's alone
+    assert ov["target_commit_ms"] == 15 and ov["overlapped_ms"] == 5 and ov["overlap"] == pytest.approx(1 / 3)
+    assert ov["home_busy_ms"] == 25 and ov["target_busy_ms"] == 19
+    assert commit_overlap(home, target[:1])["overlap"] is None  # no commits: nothing to hide
+
+
+def test_devices_option_parses_placements():
+    import argparse
+
+    from sdvg_rt import bench
+
+    p = argparse.ArgumentParser()
+    bench._args(p)
+    assert p.parse_args([]).devices == ["one"]
+    assert p.parse_args(["--devices", "one,split"]).devices == ["one", "split"]
+    assert p.parse_args(["--devices", "split"]).devices == ["split"]
+    for bad in ("two", "one,one", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--devices", bad])
+    prof = bench.bench_profile("tiny", bench.torch.device("cuda"), "split")  # no GPU needed to build it
+    assert (prof.devices.drafter, prof.devices.vae, prof.devices.scorer, prof.devices.target) == \
+        ("cuda:0", "cuda:0", "cuda:0", "cuda:1")
+    cpu = bench.torch.device("cpu")
+    assert bench.bench_placement(bench.bench_profile("tiny", cpu, "split"), cpu, "split").target_apart
+
+
 @pytest.mark.slow
 def test_bench_runs_end_to_end_on_the_tiny_cpu_profile(tmp_path):
-    """``tools/bench.py --size tiny --device cpu`` (its own process, as a user runs it): exit 0, the graph
-    self-check reported as not run (CPU), and every mode's video is reported with its decisions."""
+    """``tools/bench.py --size tiny --device cpu --devices one,split`` (its own process, as a user runs it):
+    exit 0, the graph self-check reported as not run (CPU), every mode's video reported with its decisions
+    for both placements (the split through the two-device path on the CPU), the split's outputs equal to
+    the one device's, and its target commits measured against the drafter side's timeline."""
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--size", "tiny", "--device", "cpu",
-                        "--repeats", "1", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                        "--repeats", "1", "--devices", "one,split", "--json", str(out)], capture_output=True, text=True,
+                       env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     sc = res["self_check"]  # no CUDA: no graphs, so no comparison that could not fail
     assert sc["graph_check"].startswith("not run") and sc["latents_equal"] is None
     assert sc["sync_check"].startswith("not run")
     assert "CUDA-graph replay vs eager: not run" in r.stdout
-    modes = [(r["mode"], r["accept_rate_set"]) for r in res["e2e"]]
-    assert modes == [("target", None), ("draft", None), ("sdvg", 1.0), ("sdvg", 0.8)]
+    modes = [(r["devices"], r["mode"], r["accept_rate_set"]) for r in res["e2e"]]
+    assert modes == [(d, m, a) for d in ("one", "split")
+                     for m, a in (("target", None), ("draft", None), ("sdvg", 1.0), ("sdvg", 0.8))]
+    same = res["split"]["same_as_one_device"]
+    assert same["latents_equal"] and same["frames_equal"] and same["decisions"] == ["forced", "rejected", "accepted"]
+    split = {(r["mode"], r["accept_rate_set"]): r for r in res["e2e"] if r["devices"] == "split"}
+    assert split[("sdvg", 1.0)]["commit_overlap"]["target_commit_ms"] > 0  # the CPU runs them in turn: 0% overlap
+    assert {t["name"] for t in split[("sdvg", 1.0)]["timeline"]} >= {"draft_denoise", "score", "target_commit"}
     dec = {(r["mode"], r["accept_rate_set"]): r["decisions"] for r in res["e2e"]}
     assert set(dec[("target", None)]) == {"F"} and set(dec[("draft", None)]) == {"A"}
     assert dec[("sdvg", 1.0)][0] == "F" and set(dec[("sdvg", 1.0)][1:]) == {"A"}
-    assert "| target |" in r.stdout  # the markdown table
+    assert "| one | target |" in r.stdout and "| split | sdvg |" in r.stdout  # the markdown table
+    assert "latents bit-identical: True, frames identical: True" in r.stdout

@@ -120,9 +120,17 @@ def _run_guarded(rt, **kw):
     return outs, guard
 
 
-def test_loop_reads_the_device_only_through_its_named_sync(rt):
-    """One video over the forced, accepted and rejected paths (decisions forced by the test)."""
+@pytest.fixture(scope="module")
+def split(rt):
+    return seams.split_twin(rt)
+
+
+@pytest.mark.parametrize("placement", ["one device", "target apart"])
+def test_loop_reads_the_device_only_through_its_named_sync(rt, split, placement):
+    """One video over the forced, accepted and rejected paths (decisions forced by the test); on one device
+    and through the two-device path (its copies, mirror and late-collected target times)."""
     from sdvg_rt.decide import ACCEPTED, REJECTED, Decision, decide
+    rt = rt if placement == "one device" else split
     pat = [None, ACCEPTED, REJECTED]
     seams.set_decide(rt.loop, lambda m, b, s, t, finite=True: Decision(pat[b], "forced") if b else
                      decide(m, b, s, t, finite))

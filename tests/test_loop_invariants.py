@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import seams
 from sdvg_rt.api import Runtime
 from sdvg_rt.backends.torch_backend import TorchDiTStep, vae_decoder
 from sdvg_rt.checkpoints.synthetic import make_synthetic_set
@@ -72,7 +73,13 @@ def run(rt, prompt=0, *, mode="sdvg", tau=0.0, lazy=True, pattern=None, seed=0):
 
 
 @pytest.fixture(scope="module")
-def runs(rt):
+def split(rt):
+    """The same models with the target through the two-device path (both sides on the CPU)."""
+    return seams.split_twin(rt)
+
+
+@pytest.fixture(scope="module")
+def runs(rt, split):
     A, R = ACCEPTED, REJECTED
     out = {
         "target": run(rt, mode="target"),
@@ -81,6 +88,8 @@ def runs(rt):
         "far_lazy": run(rt, pattern=[None, A, R]),
         "far_eager": run(rt, pattern=[None, A, R], lazy=False),
         "faa_eager": run(rt, pattern=[None, A, A], lazy=False),
+        "far_split": run(split, pattern=[None, A, R]),
+        "faa_split": run(split, pattern=[None, A, A]),
     }
     out["faa_lazy"] = out["-inf"]  # all accepted, lazy: the same run
     return out
@@ -165,6 +174,59 @@ def test_lazy_commit_gives_the_eager_output(runs):
     assert commits(runs["far_lazy"]) == [[0], [], [1]]  # deferred until the target is needed at block 2
     assert commits(runs["faa_lazy"]) == [[0], [], []]
     assert runs["faa_lazy"]["res"].stats["totals"]["target_commits_skipped"] == [1]  # never needed
+
+
+def test_target_on_its_own_device_gives_the_one_device_video(runs):
+    """The two-device path (the target's own copy of the latents, blocks crossing by copies, its commits
+    enqueued when decided; here both sides on the CPU) gives the one-device video bit for bit, and both
+    caches hold what eager commits write."""
+    for pat in ("far", "faa"):
+        two, one, eager = runs[f"{pat}_split"], runs[f"{pat}_lazy"], runs[f"{pat}_eager"]
+        assert decisions(two) == decisions(one) == decisions(eager), pat
+        assert same_video(two, one), pat
+        for kind in ("drafter", "target"):
+            assert torch.equal(two["kv"][kind], eager["kv"][kind]), (pat, kind)
+    stats = runs["far_split"]["res"].stats
+    assert [b["target_commits"] for b in stats["blocks"]] == [[0], [1], []]  # block 1's when it was accepted
+    assert stats["lazy_commit"] is False and stats["devices"] == {p: "cpu" for p in ("drafter", "vae", "scorer",
+                                                                                       "target")}
+    assert runs["faa_split"]["res"].stats["totals"]["target_commits_skipped"] == []
+    # the target's times reach their blocks' records (collected once the target's queue is known done)
+    assert stats["blocks"][1]["times_ms"]["target_commit"] > 0 and stats["blocks"][2]["times_ms"]["target_denoise"] > 0
+
+
+def test_two_device_target_commits_are_issued_when_decided(rt, split):
+    """Target apart: an accepted block's target commit is issued right after its decision, before the next
+    block's draft (on its own GPU it runs beside that draft); on one device it waits, lazily, until the
+    target is next needed."""
+    A, R = ACCEPTED, REJECTED
+    pat = [None, A, R]
+
+    def calls(runtime):
+        log, lp, spied = [], runtime.loop, []
+        for name, meth in (("drafter", "denoise_block"), ("target", "denoise_block"), ("target", "commit_blocks")):
+            comp = getattr(lp, name)
+
+            def spy(*a, _real=getattr(comp, meth), _tag=f"{name}.{meth}", **k):
+                log.append((_tag, a[0]))
+                return _real(*a, **k)
+            setattr(comp, meth, spy)
+            spied.append((comp, meth))
+
+        def logged(mode_, block, score, tau_, finite=True):
+            log.append(("decide", block))
+            return Decision(pat[block], "forced by the test") if block else decide(mode_, block, score, tau_, finite)
+        try:
+            runtime.generate(runtime.prompts[0], tau=0.0, decide=logged)
+        finally:
+            for comp, meth in spied:
+                delattr(comp, meth)
+        return log
+    head = [("decide", 0), ("target.denoise_block", 0), ("drafter.denoise_block", 1), ("decide", 1)]
+    assert calls(split) == head + [("target.commit_blocks", [1]), ("drafter.denoise_block", 2), ("decide", 2),
+                                   ("target.denoise_block", 2)]
+    assert calls(rt) == head + [("drafter.denoise_block", 2), ("decide", 2), ("target.commit_blocks", [1]),
+                                ("target.denoise_block", 2)]
 
 
 def test_one_host_sync_per_block(runs):
@@ -258,12 +320,16 @@ def test_lazy_equals_eager_through_the_ring_with_several_pending_blocks(tmp_path
     A, R = ACCEPTED, REJECTED
     pat = [None, A, A, A, R, A, R]
     lazy, eager = run(r, pattern=pat), run(r, pattern=pat, lazy=False)
-    assert decisions(lazy) == decisions(eager) == ["forced"] + [p for p in pat[1:]]
-    assert same_video(lazy, eager)
+    two = run(seams.split_twin(r), pattern=pat)  # the target through the two-device path
+    assert decisions(lazy) == decisions(eager) == decisions(two) == ["forced"] + [p for p in pat[1:]]
+    assert same_video(lazy, eager) and same_video(two, lazy)
     for kind in ("drafter", "target"):
         assert torch.equal(lazy["kv"][kind], eager["kv"][kind]), kind
+        assert torch.equal(two["kv"][kind], eager["kv"][kind]), kind
     commits = [b["target_commits"] for b in lazy["res"].stats["blocks"]]
     assert commits[4] == [1, 2, 3, 4]  # three pending accepts, then the rejected block's own commit
+    assert [b["target_commits"] for b in two["res"].stats["blocks"]] == \
+        [b["target_commits"] for b in eager["res"].stats["blocks"]]  # each when decided
 
 
 def test_nonfinite_draft_latents_reject_through_the_loop(rt):

@@ -64,14 +64,24 @@ def math_flags(profile):
     return MathFlags.from_profile(profile)
 
 
-def build(profile, models: dict, device, *, engines_dir=None) -> dict[str, Any]:
+def build(profile, models: dict, placement, *, engines_dir=None) -> dict[str, Any]:
     """One step per part, torch or TensorRT as the profile says: ``drafter``, ``target`` (DiT steps),
-    ``vae`` (VAE step), ``scorer`` (score step). ``models`` holds the loaded torch modules."""
+    ``vae`` (VAE step), ``scorer`` (score step). ``models`` holds the loaded torch modules (each on its
+    part's device); ``placement`` is a ``placement.Placement`` or one device for every part. TensorRT
+    parts are opened per device, each device's engines sharing one activation allocation."""
+    import contextlib
+
+    from ..placement import Placement
     from .tensorrt_backend import build_steps
     from .torch_backend import TorchDiTStep, TorchScoreStep, TorchVAEStep
 
+    pl = placement if isinstance(placement, Placement) else Placement.one(placement)
     on_torch = torch_parts(profile)
-    steps = build_steps(profile, [p for p in PARTS if p not in on_torch], device, engines_dir=engines_dir)
+    steps: dict[str, Any] = {}
+    for dev in pl.devices:
+        parts = [p for p in PARTS if p not in on_torch and p in pl.parts_on(dev)]
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            steps.update(build_steps(profile, parts, dev, engines_dir=engines_dir))
     math = math_flags(profile)
     for kind in ("drafter", "target"):
         if kind in on_torch:
