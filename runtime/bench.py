@@ -104,7 +104,10 @@ def random_vae(preset: str, device, dtype: torch.dtype, seed: int = 0):
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
-DEVICES = ("one", "split")  # --devices: every part on one device | the target on a second GPU
+DEVICES = ("one", "split", "paired")  # --devices: every part on one device | the target on a second GPU |
+# the split's two-device path (its streams, events, copies) with both sides on the one device: the check of that
+# path where a second GPU is not available (no speed-up expected)
+SPLIT_LIKE = ("split", "paired")
 
 
 def bench_profile(size: str, device: torch.device, devices: str = "one"):
@@ -126,10 +129,10 @@ def bench_profile(size: str, device: torch.device, devices: str = "one"):
 
 def bench_placement(prof, device: torch.device, devices: str):
     """Where the parts of ``bench_profile(..., devices)`` run: checked against the visible GPUs on CUDA
-    (split needs two); on the CPU, split is the two-device path with both sides on the CPU."""
+    (split needs two); paired, and split on the CPU: the two-device path with both sides on ``device``."""
     from .placement import Placement, resolve
 
-    if devices == "split" and device.type != "cuda":
+    if devices == "paired" or (devices == "split" and device.type != "cuda"):
         return Placement.split(device, device)
     return resolve(prof, device)
 
@@ -519,11 +522,14 @@ def markdown(res: dict) -> str:
                       f"(plain bf16 modules: {sc['ffn_plain_rel_err']:.2e})"]
         for group, (kern, eager) in (sc.get("kernels_rel_err") or {}).items():
             lines.append(f"- Triton `{group}` vs fp32: {kern:.2e} relative (eager bf16 groups: {eager:.2e})")
-    split = res.get("split")
-    if split:
+    for d in SPLIT_LIKE:
+        split = res.get(d)
+        if not split:
+            continue
         pl, sc, same = split["placement"], split["self_check"], split["same_as_one_device"]
-        lines += ["", f"Target on its own GPU ({', '.join(f'{k} {v}' for k, v in pl.items())}): "
-                  + ("outputs not compared (run --devices one,split)" if same is None else
+        what = "Target on its own GPU" if d == "split" else "The two-device path on one device (paired)"
+        lines += ["", f"{what} ({', '.join(f'{k} {v}' for k, v in pl.items())}): "
+                  + (f"outputs not compared (run --devices one,{d})" if same is None else
                      f"outputs vs one device ({'/'.join(same['decisions'])}): latents bit-identical: "
                      f"{same['latents_equal']}, frames identical: {same['frames_equal']}")
                   + ("" if sc is None or sc["graph_check"] != "run" else
@@ -572,14 +578,16 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=_devices, default=["one"], metavar="one,split",
                    help="placements to time, side by side: one (every part on one GPU, default), split (drafter, "
                         "VAE and scorer on cuda:0, the target on cuda:1; needs two GPUs; on --device cpu both "
-                        "sides are the CPU); one,split: both in one call, with the outputs compared bit for bit")
+                        "sides are the CPU), paired (split's two-device path with both sides on the one device: "
+                        "checks its streams, events and copies on one GPU); one,split: both in one call, with the "
+                        "outputs compared bit for bit")
 
 
 def _devices(text: str) -> list[str]:
     names = [x for x in text.split(",") if x]
     bad = [x for x in names if x not in DEVICES]
     if not names or bad or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"--devices takes one, split or one,split; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--devices takes a comma-separated list of {', '.join(DEVICES)}; got {text!r}")
     return names
 
 
@@ -618,10 +626,10 @@ def run(a: argparse.Namespace) -> int:
         else:
             sc = None if a.skip_self_check else self_check(rt, dev)
             res["e2e"] += bench_e2e(rt, dev, runs, devices=devices)
-        if devices == "one" and "split" in order:
+        if devices == "one" and any(d in order for d in SPLIT_LIKE):
             reference = placement_outputs(rt)
-        if devices == "split":
-            res["split"] = {"placement": rt.placement.describe(), "self_check": res["self_check"] if i == 0 else sc,
+        if devices in SPLIT_LIKE:
+            res[devices] = {"placement": rt.placement.describe(), "self_check": res["self_check"] if i == 0 else sc,
                             "same_as_one_device": None if reference is None
                             else same_outputs(placement_outputs(rt), reference)}
         if dev.type == "cuda":
@@ -646,17 +654,19 @@ def run(a: argparse.Namespace) -> int:
     print(md)
     if a.json:
         atomic_write_json(a.json, res)
-    checks = [res["self_check"], res.get("fp8", {}).get("self_check"), (res.get("split") or {}).get("self_check")]
+    checks = [res["self_check"], res.get("fp8", {}).get("self_check"),
+              *[(res.get(d) or {}).get("self_check") for d in SPLIT_LIKE]]
     failed = any(sc is not None and sc.get("graph_check", "run") == "run"
                  and not (sc["latents_equal"] and sc["frames_equal"] and sc.get("sync_check", "passed") == "passed")
                  for sc in checks)
     if failed:
         print("SELF-CHECK FAILED: CUDA-graph replay differs from eager execution, or the block loop synced "
               "outside its named sync (see the table above)", file=sys.stderr)
-    same = (res.get("split") or {}).get("same_as_one_device")
-    if same is not None and not (same["latents_equal"] and same["frames_equal"] and same["decisions_equal"]):
-        print("PLACEMENT CHECK FAILED: the target on its own GPU gives other outputs than one GPU", file=sys.stderr)
-        failed = True
+    for d in SPLIT_LIKE:
+        same = (res.get(d) or {}).get("same_as_one_device")
+        if same is not None and not (same["latents_equal"] and same["frames_equal"] and same["decisions_equal"]):
+            print(f"PLACEMENT CHECK FAILED: the {d} placement gives other outputs than one device", file=sys.stderr)
+            failed = True
     return 1 if failed else 0
 
 
