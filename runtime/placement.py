@@ -187,7 +187,9 @@ class CrossDevice:
     device's current stream (both ways: a barrier). Each copy here makes a side stream of the receiving
     device current while it is issued (``_inbox`` on the target's, ``_outbox`` on home's), so the barrier
     waits only for earlier copies, not for the receiving device's queue; the receiver's own stream then
-    waits for the side stream before it uses the block."""
+    waits for the side stream before it uses the block. Each side stream also waits for the sender's stream
+    explicitly before its copy: with both sides on one device (``Placement.split(d, d)``) the copy runs on
+    the side stream itself, and without that wait it would read the block before it is written."""
 
     defers_target_commits = False  # the target's commits run beside home's work: enqueue them when decided
 
@@ -198,6 +200,10 @@ class CrossDevice:
         cuda = target.type == "cuda"
         self._inbox = torch.cuda.Stream(target) if cuda else None
         self._outbox = torch.cuda.Stream(home) if cuda else None
+
+    def _after(self, stream, sender: torch.device) -> None:
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(sender))
 
     def _wait(self, device: torch.device, stream) -> None:
         if stream is not None:
@@ -215,6 +221,7 @@ class CrossDevice:
         if not blocks:
             return
         i, j = blocks[0], blocks[-1] + 1
+        self._after(self._inbox, self.home)  # the block is written on home's stream
         with _on(self._inbox):
             self.target_latents[i:j].copy_(self.latents[i:j], non_blocking=True)
         self._wait(self.target, self._inbox)
@@ -224,6 +231,7 @@ class CrossDevice:
         the target's queue up to here); returns the mirror slot, which the target commits."""
         xt = self.target_latents[block]
         xt.copy_(x)
+        self._after(self._outbox, self.target)  # the slot is written on the target's stream
         with _on(self._outbox):
             self.latents[block].copy_(xt, non_blocking=True)
         self._wait(self.home, self._outbox)
