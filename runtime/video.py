@@ -181,9 +181,16 @@ class VideoWriter(_Finishing):
         self.tmp = _tmp(self.path)
         self.frames = 0
         try:
+            # libav opens the file only when the first packet is muxed, which for a short video is in
+            # close(): made here, a folder that cannot take it fails before any work, and the temporary
+            # file exists while the video is made, for an interrupted run's sweep to find
+            self.tmp.touch()
             self._container = av.open(str(self.tmp), mode="w", format="mp4")
         except OSError as e:
-            _unlink_quietly(self.tmp)
+            try:
+                _unlink_quietly(self.tmp)
+            except OSError:  # e.g. a file where the folder should be: there is nothing to remove
+                pass
             raise output_error(e, self.path) from None
         self._closed = False
         try:

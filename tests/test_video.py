@@ -57,6 +57,18 @@ def test_writer_is_atomic_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the video nor a temporary file
 
 
+def test_writer_makes_its_temporary_file_at_once_and_fails_early_on_a_bad_folder(tmp_path):
+    from sdvg_rt.errors import OutputError
+
+    w = VideoWriter(tmp_path / "v.mp4", 48, 32, preset="ultrafast")
+    assert [p.name for p in tmp_path.iterdir()] == [w.tmp.name]  # before any frame: a run killed now leaves it
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "occupied").write_text("a file where a folder should be")
+    with pytest.raises(OutputError, match="occupied"):
+        VideoWriter(tmp_path / "occupied" / "v.mp4", 48, 32)  # at construction, not after the generation
+
+
 def test_writer_rejects_wrong_frames(tmp_path):
     with VideoWriter(tmp_path / "v.mp4", 48, 32, preset="ultrafast") as w:
         with pytest.raises(ValueError, match="uint8 frames"):
