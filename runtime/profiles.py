@@ -144,6 +144,7 @@ class Quantization:
     keep_last: int = 1
     weight_scaling: str = "channel"  # fp8 weight scales per output channel | per tensor
     cross_kv: bool = False  # also the cross-attention K/V weights in fp8 (once per prompt: saves memory only)
+    fast_accum: bool = True  # fp8 GEMMs accumulate in the tensor cores' fast mode (faster) | false: fp32 promotion
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,12 @@ def test_calibrate_command_then_fp8_runtime(tiny_copy, tmp_path):
     assert md["format"] == fp8.FORMAT and md["blocks"] == "2" and md["prompts"] == "2" and len(md["scales_sha256"]) == 64
     assert len(keys) == 3 * 7  # every block of tiny-target observed, text K/V included
     bf = sdvg_rt.Runtime.from_profile(prof, "cpu").generate("a cat on the moon", mode="target")
+    exact = sdvg_rt.Runtime.from_profile(prof.replace(quantization__target="fp8", quantization__fast_accum=False), "cpu")
+    lins = [m for m in exact.models["target"].modules() if isinstance(m, fp8.Fp8Linear)]
+    assert lins and not any(m.fast_accum for m in lins)  # the profile's accumulation reaches every fp8 GEMM
     rt = sdvg_rt.Runtime.from_profile(prof.replace(quantization__target="fp8"), "cpu")
     assert isinstance(rt.models["target"].blocks[1].ffn[2], fp8.Fp8Linear)
+    assert all(m.fast_accum for m in rt.models["target"].modules() if isinstance(m, fp8.Fp8Linear))
     assert not any(isinstance(mod, fp8.Fp8Linear) for mod in rt.models["drafter"].modules())
     q = rt.generate("a cat on the moon", mode="target")
     rel = float((q.latents - bf.latents).norm() / bf.latents.norm())
@@ -183,6 +187,7 @@ def test_profile_quantization_field(tmp_path, tiny_copy):
     for bad, field in (("{target: int8}", "quantization.target"), ("{drafter: fp4}", "quantization.drafter"),
                        ("{keep_last: -1}", "quantization.keep_last"),
                        ("{weight_scaling: block}", "quantization.weight_scaling"),
+                       ("{fast_accum: 1}", "quantization.fast_accum"),
                        ("{target: fp8, bits: 8}", "quantization.bits")):
         with pytest.raises(ProfileError) as e:
             load_profile(profile_yaml(tmp_path, tiny_copy, f"quantization: {bad}"))
