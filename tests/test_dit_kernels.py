@@ -116,3 +116,23 @@ def test_cached_block_steps_with_kernels_match_eager(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, ref in zip(outs[1] + [caches[1].kv], outs[0] + [caches[0].kv]):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+def test_a_model_with_chosen_kernels_can_be_copied():
+    """``copy.deepcopy`` of a model whose kernels were chosen (fp8 variants quantize copies): the copy
+    shares the kernel choice and computes the same output."""
+    import copy
+
+    model = W.WanDiT(W.PRESETS["tiny"]).eval()
+    model.load_state_dict(synthetic_dit_state_dict("tiny", seed=1), strict=True)
+    kernels = W.DiTKernels(triton=False)
+    model.set_kernels(kernels)
+    twin = copy.deepcopy(model)
+    assert twin.kernels is kernels and twin.blocks[0].self_attn.kernels is kernels
+    assert twin.blocks[0].ffn[0].weight is not model.blocks[0].ffn[0].weight
+    c = model.cfg
+    ctx = torch.randn(1, c.text_len, c.text_dim)
+    x, t = torch.randn(1, 16, 3, 4, 4), torch.full((3,), 500.0)
+    with torch.no_grad():
+        assert torch.equal(twin.forward_full(x, t, twin.prepare_context(ctx)),
+                           model.forward_full(x, t, model.prepare_context(ctx)))

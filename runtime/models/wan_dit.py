@@ -286,6 +286,9 @@ class DiTKernels:
         parts = [p for p, on in (("triton", self.triton), ("compile", self.compile)) if on]
         return f"DiTKernels({'+'.join(parts) or 'eager'})"
 
+    def __deepcopy__(self, memo) -> "DiTKernels":
+        return self  # a fixed choice of functions: a copied model runs the same kernels
+
     def ln(self, name: str, out_scale, rowwise: bool, *args):
         """The residual/LayerNorm group ``name``; fp8 hook: with a static ``out_scale`` (set by
         ``models.fp8.quantize_dit``) its normalised output comes as the next GEMM's fp8 input."""
