@@ -1,7 +1,7 @@
 """Where the 14B layer's fp8 GEMMs lose against bare ``torch._scaled_mm``: bias epilogue, scale layout, fast
 accumulation. One CUDA GPU of compute capability >= 8.9.
 
-    python3 tools/probes/fp8_gemm.py [--json out.json]
+    python3 tools/probes/fp8_gemm.py [--json out.json]       # after source tools/device_env.sh
 
 At M = 4680 (one 832x480 block) and each GEMM shape of a 14B layer: bf16 ``F.linear`` with and without bias,
 and ``torch._scaled_mm`` e4m3 with tensorwise and rowwise scales, with and without the bias in the epilogue,
@@ -14,26 +14,16 @@ import json
 import torch
 import torch.nn.functional as F
 
+from sdvg_rt.floor import cuda_time
+
 M = 4680
 SHAPES_14B = [("q/k (fused)", 5120, 10240), ("v", 5120, 5120), ("self o", 5120, 5120), ("cross q", 5120, 5120),
               ("cross o", 5120, 5120), ("ffn 0", 5120, 13824), ("ffn 2", 13824, 5120)]
 E4M3, FP8_MAX = torch.float8_e4m3fn, 448.0
 
 
-def cuda_time(fn, iters=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+def ms(fn):
+    return cuda_time(fn, iters=30, warmup=5) * 1e3
 
 
 def rel(a, b):
@@ -52,8 +42,8 @@ def main():
         b = (torch.randn(N, device=dev, generator=g) * 0.1).to(torch.bfloat16)
         x = torch.randn(M, K, device=dev, generator=g, dtype=torch.bfloat16)
         r = {"layer": name, "K": K, "N": N,
-             "bf16 bias": cuda_time(lambda: F.linear(x, w, b)),
-             "bf16": cuda_time(lambda: F.linear(x, w))}
+             "bf16 bias": ms(lambda: F.linear(x, w, b)),
+             "bf16": ms(lambda: F.linear(x, w))}
         sx = (x.float().abs().amax() / FP8_MAX).reshape(())
         x8 = (x.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
         for scaling in ("tensor", "channel"):
@@ -77,7 +67,7 @@ def main():
                         r[key] = None
                         r[key + " error"] = str(e).splitlines()[0][:120]
                         continue
-                    r[key] = cuda_time(run)
+                    r[key] = ms(run)
                     r[key + " rel"] = rel(y if bias else y.float() + b.float(), ref)
         for k, v in r.items():
             if isinstance(v, float) and not k.endswith("rel"):
