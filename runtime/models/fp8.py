@@ -353,12 +353,10 @@ def quantize_dit(model, amax: dict | None, cfg: Fp8Config = Fp8Config()):
             sa, ca = b.self_attn, b.cross_attn
             p = f"blocks.{i}."
             s_qkv = scale(p + "self_attn.qkv")
-            if sa._modules.get("qk_fp8") is None:
-                w = torch.cat([sa.q.weight, sa.k.weight])
-                bias = torch.cat([sa.q.bias, sa.k.bias])
-                qk = Fp8Linear(w, bias, s_qkv, cfg.weight_scaling, observe, cfg.fast_accum)
-            else:
-                qk = Fp8Linear(sa.qk_fp8.weight, sa.qk_fp8.bias, s_qkv, cfg.weight_scaling, observe, cfg.fast_accum)
+            src = sa._modules.get("qk_fp8")  # an observed q/k layer after calibration, else the two bf16 ones
+            w, bias = ((torch.cat([sa.q.weight, sa.k.weight]), torch.cat([sa.q.bias, sa.k.bias])) if src is None
+                       else (src.weight, src.bias))
+            qk = Fp8Linear(w, bias, s_qkv, cfg.weight_scaling, observe, cfg.fast_accum)
             sa.q = sa.k = None
             sa.__dict__.pop("qk_weight", None), sa.__dict__.pop("qk_bias", None)
             sa.qk_fp8 = qk
