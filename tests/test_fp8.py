@@ -192,6 +192,9 @@ def test_profile_quantization_field(tmp_path, tiny_copy):
         with pytest.raises(ProfileError) as e:
             load_profile(profile_yaml(tmp_path, tiny_copy, f"quantization: {bad}"))
         assert e.value.field == field, (bad, e.value.field)
+    assert load_profile(profile_yaml(tmp_path, tiny_copy, "quantization: {fast_accum: false}")).quantization.fast_accum is False
+    with pytest.raises(ProfileError, match="must be true or false"):  # a known field, its type checked
+        load_profile(profile_yaml(tmp_path, tiny_copy, "quantization: {fast_accum: 1}"))
     with pytest.raises(ProfileError, match="ambiguous"):
         p.replace(target="fp8")
 
