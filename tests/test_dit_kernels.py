@@ -31,7 +31,9 @@ def _close(got, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # (fp32 takes the eager composition itself)
-@pytest.mark.parametrize("heads,head_dim", [(3, 32), (2, 24)])  # 24: pairs per row not a power of two
+# a row's 32-bit words in two power-of-two chunks: 48 = 32 + 16, 24 = 16 + 8 (pairs per head not a power of
+# two), 44 = 32 + 12 of 16 (a masked second chunk), 64 = 64 + an empty one
+@pytest.mark.parametrize("heads,head_dim", [(3, 32), (2, 24), (2, 44), (4, 32)])
 def test_qk_to_cache_matches_eager(dtype, heads, head_dim):
     dim, n, ws = heads * head_dim, 24, 7
     q, k = torch.randn(n, 2 * dim, device=DEV).to(dtype).chunk(2, -1)  # strided rows, as after fuse_qk
@@ -87,6 +89,9 @@ def test_bad_inputs_name_the_tensor():
         K.qk_to_cache(q, k[:6], w, w, 1e-6, cos, sin, heads, kv, 0)
     with pytest.raises(ValueError, match="one dtype"):
         K.qk_to_cache(q, k, w.float(), w, 1e-6, cos, sin, heads, kv, 0)
+    odd = torch.randn(n, 2 * dim + 2, device=DEV, dtype=torch.bfloat16)[:, 1:]  # rows start at odd elements
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        K.qk_to_cache(odd[:, :dim], odd[:, dim:2 * dim], w, w, 1e-6, cos, sin, heads, kv, 0)
     x = torch.randn(2, 6, dim, device=DEV)
     s = torch.randn(2, 1, dim, device=DEV)
     with pytest.raises(ValueError, match="modulation"):

@@ -6,10 +6,12 @@ rounding to the model dtype where the eager code rounds the residual stream or a
 - ``qk_to_cache``: RMSNorm + 3D RoPE of q and k, straight from the q/k GEMM's output into q and the
   layer's key slots: one pass that replaces two norm+RoPE kernels and a cache copy (the compiled
   norm+RoPE reached about 1.1 TB/s because of the pair shuffle). Each 32-bit word of a 16-bit row holds
-  one rotated pair, so a row is a ``[heads, pairs]`` tile of words unpacked with bit operations (no
-  shuffles), and one ``head_dim/2`` row of the cos/sin tables serves every head. (V needs no kernel: its
-  GEMM writes the value slots, ``WanSelfAttention.write_kv``.) This layout was the fastest of the
-  kernel variants measured at 14B shapes (``tools/probes/gpu_probe_micro.py``, docs/PERFORMANCE.md).
+  one rotated pair, unpacked with bit operations (no shuffles); a row's words (weights too) are read as
+  two power-of-two chunks, the first unmasked, so no lane is padding and the accesses vectorise, and the
+  cos/sin row of the token serves every head (word ``w`` rotates by angle ``w % (head_dim/2)``). (V needs
+  no kernel: its GEMM writes the value slots, ``WanSelfAttention.write_kv``.) At 14B shapes this is 3.7x
+  the first kernel's ``[heads padded to 64, pairs]`` tile (``tools/probes/qk_kernel.py``, H200: 85 vs
+  307 us alone, 58 us inside the forward; docs/PERFORMANCE.md).
 - ``residual_ln``: ``x + y * gate`` (each part optional), then a LayerNorm (affine or modulated by
   ``* (1 + scale) + shift``, per frame), returning the new residual and the normalised input of the next
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
@@ -44,45 +46,53 @@ def _num_warps(block: int) -> int:
 if AVAILABLE:
 
     @triton.jit
-    def _qk_kernel(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out,
-                   heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
-        """One token row of q or k (program axis 1). q/k and the outputs are int32 views: each word holds
-        the pair (2i, 2i+1) that RoPE rotates (little-endian: element 2i in the low half)."""
-        dt = wq_ptr.dtype.element_ty  # the model's 16-bit dtype
+    def _unpack(word, dt: tl.constexpr):
+        """A 32-bit word of a 16-bit row -> its two elements in fp32 (little-endian: element 2i low)."""
+        lo = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        hi = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _pack(lo, hi, dt: tl.constexpr):
+        """Two fp32 values rounded to ``dt`` and packed into one 32-bit word (inverse of ``_unpack``)."""
+        a = lo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(dt).to(tl.int16, bitcast=True).to(tl.int32)
+        return a | (b << 16)
+
+    @triton.jit
+    def _qk_kernel(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, eps,
+                   DT: tl.constexpr, HALF: tl.constexpr, WORDS: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+        """One token row of q or k (program axis 1). Every pointer but cos/sin is an int32 view: each word
+        holds the pair (2i, 2i+1) that RoPE rotates. A row's ``WORDS`` words are two power-of-two chunks,
+        ``A <= WORDS`` (unmasked, so its accesses vectorise) and ``B`` (masked to ``WORDS - A``): no lane is
+        padding for the 14B's 2560 words (2048 + 512) or the 1.3B's 768 (512 + 256)."""
         row = tl.program_id(0).to(tl.int64)
-        part = tl.program_id(1)  # 0: q, 1: k
-        hh = tl.arange(0, H_PAD)[:, None]
-        pp = tl.arange(0, P_PAD)[None, :]
-        offs = hh * HALF + pp  # [heads, pairs per head] words of one row, padded to powers of two
-        m = (hh < heads) & (pp < HALF)
-        src = row * in_stride + offs
-        dst = row * (dim // 2) + offs
-        if part == 0:
-            word = tl.load(q_ptr + src, mask=m, other=0)
-            w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-            w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+        if tl.program_id(1) == 0:
+            src, w_ptr, dst = q_ptr + row * in_stride, wq_ptr, q_out + row * WORDS
         else:
-            word = tl.load(k_ptr + src, mask=m, other=0)
-            w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-            w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-        x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-        x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+            src, w_ptr, dst = k_ptr + row * in_stride, wk_ptr, k_out + row * WORDS
+        oa = tl.arange(0, A)
+        ob = A + tl.arange(0, B)
+        mb = ob < WORDS
+        xa0, xa1 = _unpack(tl.load(src + oa), DT)
+        xb0, xb1 = _unpack(tl.load(src + ob, mask=mb, other=0), DT)
+        wa0, wa1 = _unpack(tl.load(w_ptr + oa), DT)
+        wb0, wb1 = _unpack(tl.load(w_ptr + ob, mask=mb, other=0), DT)
+        rstd = tl.rsqrt((tl.sum(xa0 * xa0 + xa1 * xa1, axis=0) + tl.sum(xb0 * xb0 + xb1 * xb1, axis=0))
+                        / (2 * WORDS) + eps)
         # Wan RMSNorm: normalise in fp32, cast back, times the weight in the model dtype (the fp32 product
-        # of two model-dtype values is exact, so rounding it equals the model-dtype multiply); RoPE in
-        # fp32 with the angle of pair i of the head (one table row per token, for all heads)
-        y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
-        y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-        pr = tl.arange(0, P_PAD)
-        c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-        s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-        o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
-        out = o0 | (o1 << 16)
-        if part == 0:
-            tl.store(q_out + dst, out, mask=m)
-        else:
-            tl.store(k_out + dst, out, mask=m)
+        # of two model-dtype values is exact, so rounding it equals the model-dtype multiply); RoPE in fp32
+        # with the angle of pair (word % HALF) of the head (one table row per token, for all heads)
+        ya0 = ((xa0 * rstd).to(DT).to(tl.float32) * wa0).to(DT).to(tl.float32)
+        ya1 = ((xa1 * rstd).to(DT).to(tl.float32) * wa1).to(DT).to(tl.float32)
+        yb0 = ((xb0 * rstd).to(DT).to(tl.float32) * wb0).to(DT).to(tl.float32)
+        yb1 = ((xb1 * rstd).to(DT).to(tl.float32) * wb1).to(DT).to(tl.float32)
+        ca = tl.load(cos_ptr + row * HALF + oa % HALF)
+        sa = tl.load(sin_ptr + row * HALF + oa % HALF)
+        cb = tl.load(cos_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
+        sb = tl.load(sin_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
+        tl.store(dst + oa, _pack(ya0 * ca - ya1 * sa, ya0 * sa + ya1 * ca, DT))
+        tl.store(dst + ob, _pack(yb0 * cb - yb1 * sb, yb0 * sb + yb1 * cb, DT), mask=mb)
 
     @triton.jit
     def _residual_ln_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, x_out, h_out,
@@ -135,13 +145,14 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_layer: torch.Tensor,
-                write_start: int) -> torch.Tensor:
+                write_start: int, num_warps: int | None = None) -> torch.Tensor:
     """q/k ``[n, dim]`` (rows may be strided, e.g. chunks of one q/k GEMM output), norm weights ``[dim]``,
     cos/sin ``[n, 1, D/2]`` fp32, kv_layer ``[2, S, H, D]``: writes RoPE(norm(k)) into
     ``kv_layer[0, write_start:write_start+n]`` and returns RoPE(norm(q)) ``[n, H, D]``.
 
     The kernel handles 16-bit model dtypes (bf16, fp16: the production path); other dtypes (the fp32
-    reference) take the eager composition ``wan_dit._qk_to_cache``."""
+    reference) take the eager composition ``wan_dit._qk_to_cache``. ``num_warps``: the launch's (default 8
+    for rows of at least 512 words, both DiTs: the fastest in ``tools/probes/qk_kernel.py``; else 4)."""
     n, dim = q.shape
     if q.element_size() != 2:
         from .wan_dit import _qk_to_cache
@@ -162,13 +173,18 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
     if wq.dtype != q.dtype or wk.dtype != q.dtype or kv_layer.dtype != q.dtype or q.stride(0) % 2:
         raise ValueError(f"qk_to_cache: q/k, the norm weights and the cache must share one dtype and rows "
                          f"must start at even offsets: {q.dtype}/{wq.dtype}/{wk.dtype}/{kv_layer.dtype}")
+    if any(t.data_ptr() % 4 for t in (q, k, wq, wk, kv_layer)):
+        raise ValueError("qk_to_cache: q, k, the norm weights and the cache must start at 4-byte aligned addresses")
     q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
     k_out = kv_layer[0, write_start:write_start + n]
-    h_pad, p_pad = triton.next_power_of_2(heads), triton.next_power_of_2(half_d)
-    i32 = [t.view(torch.int32) for t in (q, k, q_out, k_out)]
+    words = dim // 2
+    a = 1 << (words.bit_length() - 1)  # the largest power of two <= words, then the rest
+    b = triton.next_power_of_2(max(1, words - a))
+    i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, k_out)]
+    dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     with _on(q.device):
-        _qk_kernel[(n, 2)](*i32[:2], q.stride(0) // 2, wq, wk, cos, sin, *i32[2:], heads, dim, eps,
-                           HALF=half_d, H_PAD=h_pad, P_PAD=p_pad, num_warps=8 if h_pad * p_pad >= 2048 else 4)
+        _qk_kernel[(n, 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], eps, DT=dt, HALF=half_d,
+                           WORDS=words, A=a, B=b, num_warps=num_warps or (8 if words >= 512 else 4))
     return q_out
 
 

@@ -1,0 +1,240 @@
+"""GPU probe: the q/k epilogue kernel (``dit_kernels.qk_to_cache``: RMSNorm + RoPE of q and k, k into the cache
+slots) at the DiT's block shapes (4680 tokens): layouts and launch configurations against a plain copy of the
+same bytes, each timed as CUDA-graph replays (as the runtime runs it).
+
+    python3 tools/probes/qk_kernel.py           # after source tools/device_env.sh
+
+Variants: ``first``: the first kernel (a ``[heads, pairs]`` tile of 32-bit words, the 40 heads padded to 64,
+the norm weights read with two strided loads) at 4-32 warps; ``rows R``: the weights read as 32-bit pairs
+like q/k, R token rows per program (weights loaded once); ``flat``: a row as 32-bit pairs in two power-of-two
+chunks (no padding), weights as pairs; ``runtime``: ``dit_kernels.qk_to_cache`` as it is now (the ``flat``
+layout). The sum of squares is reduced in another order at another launch shape, so outputs may differ from
+the first kernel's in the last bit: each is compared with it (share of differing elements) and with the eager
+definition (largest difference in bf16 ulps at the output's scale)."""
+import torch
+import triton
+import triton.language as tl
+
+from gpu_common import graph_of
+from sdvg_rt.floor import cuda_time
+from sdvg_rt.models import dit_kernels as K
+from sdvg_rt.models import wan_dit as W
+
+
+@triton.jit
+def _unpack(word, dt: tl.constexpr):
+    lo = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    hi = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _pack(a, b, dt: tl.constexpr):
+    lo = a.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = b.to(dt).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def qk_first(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out,
+               heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
+    """One token row of q or k (program axis 1). q/k and the outputs are int32 views: each word holds
+    the pair (2i, 2i+1) that RoPE rotates (little-endian: element 2i in the low half)."""
+    dt = wq_ptr.dtype.element_ty  # the model's 16-bit dtype
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)  # 0: q, 1: k
+    hh = tl.arange(0, H_PAD)[:, None]
+    pp = tl.arange(0, P_PAD)[None, :]
+    offs = hh * HALF + pp  # [heads, pairs per head] words of one row, padded to powers of two
+    m = (hh < heads) & (pp < HALF)
+    src = row * in_stride + offs
+    dst = row * (dim // 2) + offs
+    if part == 0:
+        word = tl.load(q_ptr + src, mask=m, other=0)
+        w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+        w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+    else:
+        word = tl.load(k_ptr + src, mask=m, other=0)
+        w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
+        w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
+    x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+    # Wan RMSNorm: normalise in fp32, cast back, times the weight in the model dtype (the fp32 product
+    # of two model-dtype values is exact, so rounding it equals the model-dtype multiply); RoPE in
+    # fp32 with the angle of pair i of the head (one table row per token, for all heads)
+    y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
+    y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+    pr = tl.arange(0, P_PAD)
+    c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+    s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+    o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
+    out = o0 | (o1 << 16)
+    if part == 0:
+        tl.store(q_out + dst, out, mask=m)
+    else:
+        tl.store(k_out + dst, out, mask=m)
+
+
+@triton.jit
+def qk_rows(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, n, heads, dim, eps,
+            DT: tl.constexpr, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS token rows of q or k per program; weights as 32-bit pairs, loaded once."""
+    part = tl.program_id(1)
+    hh = tl.arange(0, H_PAD)[:, None]
+    pp = tl.arange(0, P_PAD)[None, :]
+    offs = hh * HALF + pp
+    m = (hh < heads) & (pp < HALF)
+    pr = tl.arange(0, P_PAD)
+    if part == 0:
+        w0, w1 = _unpack(tl.load(wq_ptr + offs, mask=m, other=0), DT)
+    else:
+        w0, w1 = _unpack(tl.load(wk_ptr + offs, mask=m, other=0), DT)
+    for r in range(ROWS):
+        row = (tl.program_id(0) * ROWS + r).to(tl.int64)
+        if row < n:
+            src = row * in_stride + offs
+            dst = row * (dim // 2) + offs
+            if part == 0:
+                word = tl.load(q_ptr + src, mask=m, other=0)
+            else:
+                word = tl.load(k_ptr + src, mask=m, other=0)
+            x0, x1 = _unpack(word, DT)
+            rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
+            y0 = ((x0 * rstd).to(DT).to(tl.float32) * w0).to(DT).to(tl.float32)
+            y1 = ((x1 * rstd).to(DT).to(tl.float32) * w1).to(DT).to(tl.float32)
+            c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+            s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
+            out = _pack(y0 * c - y1 * s, y0 * s + y1 * c, DT)
+            if part == 0:
+                tl.store(q_out + dst, out, mask=m)
+            else:
+                tl.store(k_out + dst, out, mask=m)
+
+
+@triton.jit
+def qk_flat(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, words, eps,
+            DT: tl.constexpr, HALF: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+    """One row of q or k as 32-bit pairs in two power-of-two chunks (A + B >= words, A <= words): no
+    padding of the head count; RoPE angle of word w: w % HALF."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    oa = tl.arange(0, A)
+    ob = A + tl.arange(0, B)
+    mb = ob < words
+    if part == 0:
+        src, wp, dst = q_ptr, wq_ptr, q_out
+    else:
+        src, wp, dst = k_ptr, wk_ptr, k_out
+    xa0, xa1 = _unpack(tl.load(src + row * in_stride + oa), DT)
+    xb0, xb1 = _unpack(tl.load(src + row * in_stride + ob, mask=mb, other=0), DT)
+    wa0, wa1 = _unpack(tl.load(wp + oa), DT)
+    wb0, wb1 = _unpack(tl.load(wp + ob, mask=mb, other=0), DT)
+    ss = tl.sum(xa0 * xa0 + xa1 * xa1, axis=0) + tl.sum(xb0 * xb0 + xb1 * xb1, axis=0)
+    rstd = tl.rsqrt(ss / (2 * words) + eps)
+    ya0 = ((xa0 * rstd).to(DT).to(tl.float32) * wa0).to(DT).to(tl.float32)
+    ya1 = ((xa1 * rstd).to(DT).to(tl.float32) * wa1).to(DT).to(tl.float32)
+    yb0 = ((xb0 * rstd).to(DT).to(tl.float32) * wb0).to(DT).to(tl.float32)
+    yb1 = ((xb1 * rstd).to(DT).to(tl.float32) * wb1).to(DT).to(tl.float32)
+    ca = tl.load(cos_ptr + row * HALF + oa % HALF)
+    sa = tl.load(sin_ptr + row * HALF + oa % HALF)
+    cb = tl.load(cos_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
+    sb = tl.load(sin_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
+    tl.store(dst + row * words + oa, _pack(ya0 * ca - ya1 * sa, ya0 * sa + ya1 * ca, DT))
+    tl.store(dst + row * words + ob, _pack(yb0 * cb - yb1 * sb, yb0 * sb + yb1 * cb, DT), mask=mb)
+
+
+def flat(q, k, wq, wk, cos, sin, heads, kv, nw):
+    n, dim = q.shape
+    half, words = dim // heads // 2, dim // 2
+    a = 1 << (words.bit_length() - 1)
+    b = triton.next_power_of_2(max(1, words - a))
+    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
+    i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, kv[0, :n])]
+
+    def f():
+        qk_flat[(n, 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], words, 1e-6, DT=tl.bfloat16,
+                        HALF=half, A=a, B=b, num_warps=nw)
+    return f, q_out
+
+
+def runtime(q, k, wq, wk, cos, sin, heads, kv, nw):
+    """``dit_kernels.qk_to_cache`` as the runtime calls it, at ``nw`` warps."""
+    out = {}
+
+    def f():
+        out["q"] = K.qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv, 0, num_warps=nw)
+    f()
+    return f, out
+
+
+def first(q, k, wq, wk, cos, sin, heads, kv, nw):
+    n, dim = q.shape
+    half = dim // heads // 2
+    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
+    i32 = [t.view(torch.int32) for t in (q, k, q_out, kv[0, :n])]
+    hp, pp = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+
+    def f():
+        qk_first[(n, 2)](*i32[:2], q.stride(0) // 2, wq, wk, cos, sin, *i32[2:], heads, dim, 1e-6,
+                             HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
+    return f, q_out
+
+
+def rows(q, k, wq, wk, cos, sin, heads, kv, nw, R):
+    n, dim = q.shape
+    half = dim // heads // 2
+    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
+    i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, kv[0, :n])]
+    hp, pp = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+
+    def f():
+        qk_rows[(triton.cdiv(n, R), 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], n, heads, dim,
+                                         1e-6, DT=tl.bfloat16, HALF=half, H_PAD=hp, P_PAD=pp, ROWS=R, num_warps=nw)
+    return f, q_out
+
+
+for dim, heads in ((5120, 40), (1536, 12)):
+    n = 4680
+    qk = torch.randn(n, 2 * dim, device="cuda", dtype=torch.bfloat16)
+    q, k = qk.chunk(2, -1)
+    wq, wk = (torch.randn(dim, device="cuda").bfloat16() for _ in range(2))
+    rope = W.WanRoPE(W.WanDiTConfig("p", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).cuda()
+    cos, sin = rope.factors(3, 30, 52, frame_offset=9)
+    nbytes = 2 * 2 * n * dim * 2
+    dst = torch.empty(2 * n * dim, device="cuda", dtype=torch.bfloat16)
+    tcopy = cuda_time(lambda: dst.copy_(qk.view(-1)), iters=30)
+    print(f"dim {dim}: copy of the same bytes {tcopy * 1e6:.0f} us ({nbytes / tcopy / 1e12:.2f} TB/s)", flush=True)
+    kv_ref = torch.zeros(2, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16)
+    f, q_ref = first(q, k, wq, wk, cos, sin, heads, kv_ref, 8)
+    f()
+    kv_e = torch.zeros_like(kv_ref)  # the eager definition, for the ulp distance
+    q_e = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_e, 0)
+
+    def ulps(a, b):
+        """Largest difference in bf16 ulps at the reference's scale (the unit tests' measure)."""
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max() / 2.0**-8).item()
+    variants = [(f"first nw={w}", lambda kv, w=w: first(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (4, 8, 16, 32)]
+    variants += [(f"rows {R} nw={w}", lambda kv, R=R, w=w: rows(q, k, wq, wk, cos, sin, heads, kv, w, R))
+                 for R in (1, 2) for w in (4, 8)]
+    variants += [(f"runtime nw={w}", lambda kv, w=w: runtime(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (4, 8, 16)]
+    variants += [(f"flat nw={w}", lambda kv, w=w: flat(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (2, 4, 8, 16)]
+    for name, make in variants:
+        kv = torch.zeros_like(kv_ref)
+        try:
+            f, q_out = make(kv)
+            f()
+            q_out = q_out["q"] if isinstance(q_out, dict) else q_out
+            g = graph_of(f)  # timed as graph replays, as the runtime runs it (no host launch cost)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  {name:16s} failed {type(e).__name__}: {str(e)[:160]}")
+            continue
+        t = cuda_time(g.replay, iters=30)
+        same = torch.equal(q_out, q_ref) and torch.equal(kv, kv_ref)
+        differ = ((q_out != q_ref).float().mean().item() + (kv[0] != kv_ref[0]).float().mean().item()) / 2
+        u = max(ulps(q_out, q_e), ulps(kv[0], kv_e[0]))
+        print(f"  {name:16s} {t * 1e6:6.0f} us ({nbytes / t / 1e12:.2f} TB/s)  identical to the first kernel "
+              f"{same} ({100 * differ:.4f}% of elements differ), max difference from eager {u:.2f} bf16 ulps",
+              flush=True)
