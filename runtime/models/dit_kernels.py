@@ -9,9 +9,9 @@ rounding to the model dtype where the eager code rounds the residual stream or a
   one rotated pair, unpacked with bit operations (no shuffles); a row's words (weights too) are read as
   two power-of-two chunks, the first unmasked, so no lane is padding and the accesses vectorise, and the
   cos/sin row of the token serves every head (word ``w`` rotates by angle ``w % (head_dim/2)``). (V needs
-  no kernel: its GEMM writes the value slots, ``WanSelfAttention.write_kv``.) At 14B shapes this is 3.7x
-  the first kernel's ``[heads padded to 64, pairs]`` tile (``tools/probes/qk_kernel.py``, H200: 85 vs
-  307 us alone, 58 us inside the forward; docs/PERFORMANCE.md).
+  no kernel: its GEMM writes the value slots, ``WanSelfAttention.write_kv``.) At 14B shapes it runs at the
+  speed of a plain copy of the same bytes, 4.9x the first kernel's ``[heads padded to 64, pairs]`` tile
+  (``tools/probes/qk_kernel.py``, H200: 58 against 287 us; docs/PERFORMANCE.md).
 - ``residual_ln``: ``x + y * gate`` (each part optional), then a LayerNorm (affine or modulated by
   ``* (1 + scale) + shift``, per frame), returning the new residual and the normalised input of the next
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
@@ -151,8 +151,8 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
     ``kv_layer[0, write_start:write_start+n]`` and returns RoPE(norm(q)) ``[n, H, D]``.
 
     The kernel handles 16-bit model dtypes (bf16, fp16: the production path); other dtypes (the fp32
-    reference) take the eager composition ``wan_dit._qk_to_cache``. ``num_warps``: the launch's (default 8
-    for rows of at least 512 words, both DiTs: the fastest in ``tools/probes/qk_kernel.py``; else 4)."""
+    reference) take the eager composition ``wan_dit._qk_to_cache``. ``num_warps``: the launch's (default 4,
+    the fastest for both DiTs' rows in ``tools/probes/qk_kernel.py``)."""
     n, dim = q.shape
     if q.element_size() != 2:
         from .wan_dit import _qk_to_cache
@@ -184,7 +184,7 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
     dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     with _on(q.device):
         _qk_kernel[(n, 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], eps, DT=dt, HALF=half_d,
-                           WORDS=words, A=a, B=b, num_warps=num_warps or (8 if words >= 512 else 4))
+                           WORDS=words, A=a, B=b, num_warps=num_warps or 4)
     return q_out
 
 

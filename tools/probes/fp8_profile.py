@@ -1,12 +1,13 @@
-"""GPU probe: where a 14B forward's time goes, bf16 against the default fp8 (block 3, CUDA graph, Triton groups,
+"""GPU probe: where a DiT forward's time goes, bf16 against the default fp8 (block 3, CUDA graph, Triton groups,
 the runtime's attention: FlashAttention-4 where installed).
 
-    python3 tools/probes/fp8_profile.py            # after source tools/device_env.sh
+    python3 tools/probes/fp8_profile.py [--preset wan2.1-1.3b]      # after source tools/device_env.sh; 14B default
 
 For each: the graph replay time and the kernels of one profiled replay summed by name (top 25) and by kind
 (GEMM, attention, the Triton kernels, the compiled groups, the rest). Full-size random weights; the fp8 model is
 calibrated on one forward of itself (every GEMM input observed) and quantized with the defaults.
 """
+import argparse
 import collections
 import os
 
@@ -53,12 +54,15 @@ def breakdown(label, g):
     print("  -- by kernel --")
     for name, v in by_name.most_common(25):
         print(f"  {v:8.2f} ms {count[name]:4d}x  {name[:110]}")
-    with open(os.path.join(os.environ.get("OUT", "."), f"profile_{label.split()[0]}.txt"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), f"profile_{args.preset}_{label.split()[0]}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=100))
     return replay
 
 
-m, step, probe = dit_step("wan2.1-14b")
+ap = argparse.ArgumentParser()
+ap.add_argument("--preset", default="wan2.1-14b")
+args = ap.parse_args()
+m, step, probe = dit_step(args.preset)
 m.set_attention(Attention("auto", "cuda"))
 m.fuse_qk().set_kernels(DiTKernels(triton=True, compile=True))
 print("attention:", m.attention, flush=True)
