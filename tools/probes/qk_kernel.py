@@ -18,21 +18,8 @@ import triton.language as tl
 from gpu_common import graph_of
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import dit_kernels as K
+from sdvg_rt.models.dit_kernels import _pack, _unpack  # the runtime kernel's word helpers
 from sdvg_rt.models import wan_dit as W
-
-
-@triton.jit
-def _unpack(word, dt: tl.constexpr):
-    lo = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-    hi = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _pack(a, b, dt: tl.constexpr):
-    lo = a.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = b.to(dt).to(tl.int16, bitcast=True).to(tl.int32)
-    return lo | (hi << 16)
 
 
 @triton.jit
