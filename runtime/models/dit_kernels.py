@@ -9,9 +9,9 @@ rounding to the model dtype where the eager code rounds the residual stream or a
   one rotated pair, unpacked with bit operations (no shuffles); a row's words (weights too) are read as
   two power-of-two chunks, the first unmasked, so no lane is padding and the accesses vectorise, and the
   cos/sin row of the token serves every head (word ``w`` rotates by angle ``w % (head_dim/2)``). (V needs
-  no kernel: its GEMM writes the value slots, ``WanSelfAttention.write_kv``.) At 14B shapes it runs at the
-  speed of a plain copy of the same bytes, 4.9x the first kernel's ``[heads padded to 64, pairs]`` tile
-  (``tools/probes/qk_kernel.py``, H200: 58 against 287 us; docs/PERFORMANCE.md).
+  no kernel: its GEMM writes the value slots, ``WanSelfAttention.write_kv``.) At 14B shapes it runs about as
+  fast as a plain copy of the q/k bytes, 4.9x the first kernel's ``[heads padded to 64, pairs]`` tile
+  (``tools/probes/qk_kernel.py``, H200: 58 against 287 us, the copy 56 us; docs/PERFORMANCE.md).
 - ``residual_ln``: ``x + y * gate`` (each part optional), then a LayerNorm (affine or modulated by
   ``* (1 + scale) + shift``, per frame), returning the new residual and the normalised input of the next
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
@@ -158,17 +158,21 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
         from .wan_dit import _qk_to_cache
 
         return _qk_to_cache(q, k, wq, wk, eps, cos, sin, heads, kv_layer, write_start)
+    if dim % heads or (dim // heads) % 2:
+        raise ValueError(f"qk_to_cache: {heads} heads must split dim {dim} into heads of an even size")
     half_d = dim // heads // 2
     _check("k", k, (n, dim))
+    _check("wq", wq, (dim,))
+    _check("wk", wk, (dim,))
     if q.stride(0) != k.stride(0) or q.stride(1) != 1:
         raise ValueError(f"q and k must share a row stride with contiguous rows: {q.stride()}, {k.stride()}")
     _check("cos", cos, (n, 1, half_d))
     _check("sin", sin, (n, 1, half_d))
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32):
         raise ValueError("cos/sin must be contiguous float32 [n, 1, D/2]")
-    if kv_layer.dim() != 4 or kv_layer.shape[1] < write_start + n or kv_layer.shape[2] * kv_layer.shape[3] != dim \
-            or not kv_layer[0].is_contiguous():
-        raise ValueError(f"kv_layer must be a [2, S>={write_start + n}, H, D] cache layer with H*D={dim}, "
+    if kv_layer.dim() != 4 or kv_layer.shape[1] < write_start + n or kv_layer.shape[2] != heads \
+            or kv_layer.shape[2] * kv_layer.shape[3] != dim or not kv_layer[0].is_contiguous():
+        raise ValueError(f"kv_layer must be a [2, S>={write_start + n}, H={heads}, D] cache layer with H*D={dim}, "
                          f"found shape {tuple(kv_layer.shape)} strides {kv_layer.stride()}")
     if wq.dtype != q.dtype or wk.dtype != q.dtype or kv_layer.dtype != q.dtype or q.stride(0) % 2:
         raise ValueError(f"qk_to_cache: q/k, the norm weights and the cache must share one dtype and rows "

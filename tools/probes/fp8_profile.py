@@ -1,7 +1,7 @@
 """GPU probe: where a DiT forward's time goes, bf16 against the default fp8 (block 3, CUDA graph, Triton groups,
 the runtime's attention: FlashAttention-4 where installed).
 
-    python3 tools/probes/fp8_profile.py [--preset wan2.1-1.3b]      # after source tools/device_env.sh; 14B default
+    python3 tools/probes/fp8_profile.py [--preset wan2.1-1.3b] [--out DIR]   # after source tools/device_env.sh
 
 For each: the graph replay time and the kernels of one profiled replay summed by name (top 25) and by kind
 (GEMM, attention, the Triton kernels, the compiled groups, the rest). Full-size random weights; the fp8 model is
@@ -54,13 +54,14 @@ def breakdown(label, g):
     print("  -- by kernel --")
     for name, v in by_name.most_common(25):
         print(f"  {v:8.2f} ms {count[name]:4d}x  {name[:110]}")
-    with open(os.path.join(os.environ.get("OUT", "."), f"profile_{args.preset}_{label.split()[0]}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{args.preset}_{label.split()[0]}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=100))
     return replay
 
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--preset", default="wan2.1-14b")
+ap.add_argument("--out", default=".", help="folder for the profiler tables (profile_<preset>_<dtype>.txt)")
 args = ap.parse_args()
 m, step, probe = dit_step(args.preset)
 m.set_attention(Attention("auto", "cuda"))

@@ -1,6 +1,7 @@
 """GPU probe: the q/k epilogue kernel (``dit_kernels.qk_to_cache``: RMSNorm + RoPE of q and k, k into the cache
 slots) at the DiT's block shapes (4680 tokens): layouts and launch configurations against a plain copy of the
-same bytes, each timed as CUDA-graph replays (as the runtime runs it).
+q/k bytes, each timed as CUDA-graph replays (as the runtime runs it); bandwidth counts q/k in and out and
+the cos/sin rows.
 
     python3 tools/probes/qk_kernel.py           # after source tools/device_env.sh
 
@@ -189,10 +190,11 @@ for dim, heads in ((5120, 40), (1536, 12)):
     wq, wk = (torch.randn(dim, device="cuda").bfloat16() for _ in range(2))
     rope = W.WanRoPE(W.WanDiTConfig("p", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).cuda()
     cos, sin = rope.factors(3, 30, 52, frame_offset=9)
-    nbytes = 2 * 2 * n * dim * 2
+    nbytes = 2 * 2 * n * dim * 2 + 2 * n * (dim // heads // 2) * 4  # q/k in and out, cos/sin in
     dst = torch.empty(2 * n * dim, device="cuda", dtype=torch.bfloat16)
-    tcopy = cuda_time(lambda: dst.copy_(qk.view(-1)), iters=30)
-    print(f"dim {dim}: copy of the same bytes {tcopy * 1e6:.0f} us ({nbytes / tcopy / 1e12:.2f} TB/s)", flush=True)
+    tcopy = cuda_time(graph_of(lambda: dst.copy_(qk.view(-1))).replay, iters=30)
+    print(f"dim {dim}: copy of q/k (graph replay) {tcopy * 1e6:.0f} us ({2 * 2 * n * dim * 2 / tcopy / 1e12:.2f} TB/s)",
+          flush=True)
     kv_ref = torch.zeros(2, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16)
     f, q_ref = first(q, k, wq, wk, cos, sin, heads, kv_ref, 8)
     f()
@@ -200,8 +202,8 @@ for dim, heads in ((5120, 40), (1536, 12)):
     q_e = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_e, 0)
 
     def ulps(a, b):
-        """Largest difference in bf16 ulps at the reference's scale (the unit tests' measure)."""
-        return ((a.float() - b.float()).abs().max() / b.float().abs().max() / 2.0**-8).item()
+        """Largest difference in bf16 ulps (2^-7) at the reference's scale (the unit tests' measure)."""
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max() / 2.0**-7).item()
     variants = [(f"first nw={w}", lambda kv, w=w: first(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (4, 8, 16, 32)]
     variants += [(f"rows {R} nw={w}", lambda kv, R=R, w=w: rows(q, k, wq, wk, cos, sin, heads, kv, w, R))
                  for R in (1, 2) for w in (4, 8)]
@@ -212,8 +214,12 @@ for dim, heads in ((5120, 40), (1536, 12)):
         try:
             f, q_out = make(kv)
             f()
-            q_out = q_out["q"] if isinstance(q_out, dict) else q_out
             g = graph_of(f)  # timed as graph replays, as the runtime runs it (no host launch cost)
+            kv.zero_()
+            if not isinstance(q_out, dict):
+                q_out.zero_()
+            g.replay()  # what is compared: the replay's output
+            q_out = q_out["q"] if isinstance(q_out, dict) else q_out  # the runtime's: the graph's own tensor
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"  {name:16s} failed {type(e).__name__}: {str(e)[:160]}")
