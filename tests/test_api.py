@@ -4,6 +4,7 @@ import importlib.machinery
 import math
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -205,6 +206,37 @@ def _tf32_seen(runtime, prompt, outside: bool):
     finally:
         mm.allow_tf32 = saved
         hook.remove()
+
+
+def test_math_flag_scopes_in_two_threads_do_not_see_each_others_flags():
+    """Two steps with different TF32 flags in two threads: the second waits for the first's call to end
+    instead of switching the process's flag under it; each sees its own, and the flag is restored after."""
+    from sdvg_rt.backends.torch_backend import MathFlags
+
+    mm = torch.backends.cuda.matmul
+    saved = mm.allow_tf32
+    first_in, seen = threading.Event(), {}
+
+    def run(name, flags, wait):
+        if wait:
+            first_in.wait(5)
+        with flags.scope():
+            first_in.set()
+            time.sleep(0.3)  # the other thread tries to enter meanwhile
+            seen[name] = mm.allow_tf32
+
+    try:
+        mm.allow_tf32 = False
+        threads = [threading.Thread(target=run, args=("on", MathFlags(tf32=True), False)),
+                   threading.Thread(target=run, args=("off", MathFlags(tf32=False), True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == {"on": True, "off": False}
+        assert mm.allow_tf32 is False
+    finally:
+        mm.allow_tf32 = saved
 
 
 def test_two_runtimes_in_one_process_keep_their_own_performance_choices(tiny_dir, rt):

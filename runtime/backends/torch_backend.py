@@ -12,6 +12,7 @@ own kernel choices (``configure``). Nothing here changes process state outside a
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from ..kv_cache import KVCache
 from ..vae_state import VAEStatePair
 
 
+FLAGS_LOCK = threading.RLock()  # torch's math flags are one per process; so is what guards them (MathFlags)
+
+
 @dataclass(frozen=True)
 class MathFlags:
     """torch's math flags that a torch step's calls run under: TF32 tensor cores for fp32 matmuls and
@@ -32,8 +36,10 @@ class MathFlags:
 
     torch keeps these flags per process: ``scope`` sets them for the duration of one call and restores
     the previous values after it (host-side setters: no host sync, no allocation on the device). They only
-    change CUDA kernels. Under CUDA graphs the captured kernels keep the flags of the capture. Steps of
-    Runtimes with different flags must not run at the same time in two threads of one process."""
+    change CUDA kernels. Under CUDA graphs the captured kernels keep the flags of the capture. A scope that
+    sets flags holds ``FLAGS_LOCK`` (one per process, like the flags) for its call, so steps of Runtimes
+    with different flags in two threads take turns enqueueing their kernels instead of seeing each other's
+    flags; code outside sdvg-rt that changes these flags meanwhile is not guarded."""
 
     tf32: bool | None = None
     cudnn_benchmark: bool | None = None
@@ -50,15 +56,16 @@ class MathFlags:
             yield
             return
         mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-        saved = mm.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
-        if self.tf32 is not None:
-            mm.allow_tf32 = cudnn.allow_tf32 = self.tf32
-        if self.cudnn_benchmark is not None:
-            cudnn.benchmark = self.cudnn_benchmark
-        try:
-            yield
-        finally:
-            mm.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+        with FLAGS_LOCK:
+            saved = mm.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+            if self.tf32 is not None:
+                mm.allow_tf32 = cudnn.allow_tf32 = self.tf32
+            if self.cudnn_benchmark is not None:
+                cudnn.benchmark = self.cudnn_benchmark
+            try:
+                yield
+            finally:
+                mm.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
 
 
 class TorchDiTStep:
