@@ -6,12 +6,13 @@ the cos/sin rows.
     python3 tools/probes/qk_kernel.py           # after source tools/device_env.sh
 
 Variants: ``first``: the first kernel (a ``[heads, pairs]`` tile of 32-bit words, the 40 heads padded to 64,
-the norm weights read with two strided loads) at 4-32 warps; ``rows R``: the weights read as 32-bit pairs
-like q/k, R token rows per program (weights loaded once); ``flat``: a row as 32-bit pairs in two power-of-two
-chunks (no padding), weights as pairs; ``runtime``: ``dit_kernels.qk_to_cache`` as it is now (the ``flat``
-layout). The sum of squares is reduced in another order at another launch shape, so outputs may differ from
-the first kernel's in the last bit: each is compared with it (share of differing elements) and with the eager
-definition (largest difference in bf16 ulps at the output's scale)."""
+the norm weights read with two strided loads) at 4-32 warps; ``runtime``: ``dit_kernels.qk_to_cache`` as it
+is now (a row as two power-of-two chunks of 32-bit pairs, weights as pairs) at 4-16 warps. (An intermediate
+layout measured on the way, the first tile with the weights as pairs and 1-2 rows per program, 99-124 us at
+14B shapes timed with CUDA events, is in the history.) The sum of squares is reduced in another order at
+another launch shape, so outputs may differ from the first kernel's in the last bit: each is compared with it
+(share of differing elements) and with the eager definition (largest difference in bf16 ulps at the output's
+scale)."""
 import torch
 import triton
 import triton.language as tl
@@ -19,7 +20,6 @@ import triton.language as tl
 from gpu_common import graph_of
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import dit_kernels as K
-from sdvg_rt.models.dit_kernels import _pack, _unpack  # the runtime kernel's word helpers
 from sdvg_rt.models import wan_dit as W
 
 
@@ -65,88 +65,6 @@ def qk_first(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k
         tl.store(k_out + dst, out, mask=m)
 
 
-@triton.jit
-def qk_rows(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, n, heads, dim, eps,
-            DT: tl.constexpr, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS token rows of q or k per program; weights as 32-bit pairs, loaded once."""
-    part = tl.program_id(1)
-    hh = tl.arange(0, H_PAD)[:, None]
-    pp = tl.arange(0, P_PAD)[None, :]
-    offs = hh * HALF + pp
-    m = (hh < heads) & (pp < HALF)
-    pr = tl.arange(0, P_PAD)
-    if part == 0:
-        w0, w1 = _unpack(tl.load(wq_ptr + offs, mask=m, other=0), DT)
-    else:
-        w0, w1 = _unpack(tl.load(wk_ptr + offs, mask=m, other=0), DT)
-    for r in range(ROWS):
-        row = (tl.program_id(0) * ROWS + r).to(tl.int64)
-        if row < n:
-            src = row * in_stride + offs
-            dst = row * (dim // 2) + offs
-            if part == 0:
-                word = tl.load(q_ptr + src, mask=m, other=0)
-            else:
-                word = tl.load(k_ptr + src, mask=m, other=0)
-            x0, x1 = _unpack(word, DT)
-            rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
-            y0 = ((x0 * rstd).to(DT).to(tl.float32) * w0).to(DT).to(tl.float32)
-            y1 = ((x1 * rstd).to(DT).to(tl.float32) * w1).to(DT).to(tl.float32)
-            c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-            s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-            out = _pack(y0 * c - y1 * s, y0 * s + y1 * c, DT)
-            if part == 0:
-                tl.store(q_out + dst, out, mask=m)
-            else:
-                tl.store(k_out + dst, out, mask=m)
-
-
-@triton.jit
-def qk_flat(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, words, eps,
-            DT: tl.constexpr, HALF: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
-    """One row of q or k as 32-bit pairs in two power-of-two chunks (A + B >= words, A <= words): no
-    padding of the head count; RoPE angle of word w: w % HALF."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    oa = tl.arange(0, A)
-    ob = A + tl.arange(0, B)
-    mb = ob < words
-    if part == 0:
-        src, wp, dst = q_ptr, wq_ptr, q_out
-    else:
-        src, wp, dst = k_ptr, wk_ptr, k_out
-    xa0, xa1 = _unpack(tl.load(src + row * in_stride + oa), DT)
-    xb0, xb1 = _unpack(tl.load(src + row * in_stride + ob, mask=mb, other=0), DT)
-    wa0, wa1 = _unpack(tl.load(wp + oa), DT)
-    wb0, wb1 = _unpack(tl.load(wp + ob, mask=mb, other=0), DT)
-    ss = tl.sum(xa0 * xa0 + xa1 * xa1, axis=0) + tl.sum(xb0 * xb0 + xb1 * xb1, axis=0)
-    rstd = tl.rsqrt(ss / (2 * words) + eps)
-    ya0 = ((xa0 * rstd).to(DT).to(tl.float32) * wa0).to(DT).to(tl.float32)
-    ya1 = ((xa1 * rstd).to(DT).to(tl.float32) * wa1).to(DT).to(tl.float32)
-    yb0 = ((xb0 * rstd).to(DT).to(tl.float32) * wb0).to(DT).to(tl.float32)
-    yb1 = ((xb1 * rstd).to(DT).to(tl.float32) * wb1).to(DT).to(tl.float32)
-    ca = tl.load(cos_ptr + row * HALF + oa % HALF)
-    sa = tl.load(sin_ptr + row * HALF + oa % HALF)
-    cb = tl.load(cos_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
-    sb = tl.load(sin_ptr + row * HALF + ob % HALF, mask=mb, other=0.0)
-    tl.store(dst + row * words + oa, _pack(ya0 * ca - ya1 * sa, ya0 * sa + ya1 * ca, DT))
-    tl.store(dst + row * words + ob, _pack(yb0 * cb - yb1 * sb, yb0 * sb + yb1 * cb, DT), mask=mb)
-
-
-def flat(q, k, wq, wk, cos, sin, heads, kv, nw):
-    n, dim = q.shape
-    half, words = dim // heads // 2, dim // 2
-    a = 1 << (words.bit_length() - 1)
-    b = triton.next_power_of_2(max(1, words - a))
-    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
-    i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, kv[0, :n])]
-
-    def f():
-        qk_flat[(n, 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], words, 1e-6, DT=tl.bfloat16,
-                        HALF=half, A=a, B=b, num_warps=nw)
-    return f, q_out
-
-
 def runtime(q, k, wq, wk, cos, sin, heads, kv, nw):
     """``dit_kernels.qk_to_cache`` as the runtime calls it, at ``nw`` warps."""
     out = {}
@@ -167,19 +85,6 @@ def first(q, k, wq, wk, cos, sin, heads, kv, nw):
     def f():
         qk_first[(n, 2)](*i32[:2], q.stride(0) // 2, wq, wk, cos, sin, *i32[2:], heads, dim, 1e-6,
                              HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
-    return f, q_out
-
-
-def rows(q, k, wq, wk, cos, sin, heads, kv, nw, R):
-    n, dim = q.shape
-    half = dim // heads // 2
-    q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
-    i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, kv[0, :n])]
-    hp, pp = triton.next_power_of_2(heads), triton.next_power_of_2(half)
-
-    def f():
-        qk_rows[(triton.cdiv(n, R), 2)](*i32[:2], q.stride(0) // 2, *i32[2:4], cos, sin, *i32[4:], n, heads, dim,
-                                         1e-6, DT=tl.bfloat16, HALF=half, H_PAD=hp, P_PAD=pp, ROWS=R, num_warps=nw)
     return f, q_out
 
 
@@ -205,10 +110,7 @@ for dim, heads in ((5120, 40), (1536, 12)):
         """Largest difference in bf16 ulps (2^-7) at the reference's scale (the unit tests' measure)."""
         return ((a.float() - b.float()).abs().max() / b.float().abs().max() / 2.0**-7).item()
     variants = [(f"first nw={w}", lambda kv, w=w: first(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (4, 8, 16, 32)]
-    variants += [(f"rows {R} nw={w}", lambda kv, R=R, w=w: rows(q, k, wq, wk, cos, sin, heads, kv, w, R))
-                 for R in (1, 2) for w in (4, 8)]
     variants += [(f"runtime nw={w}", lambda kv, w=w: runtime(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (4, 8, 16)]
-    variants += [(f"flat nw={w}", lambda kv, w=w: flat(q, k, wq, wk, cos, sin, heads, kv, w)) for w in (2, 4, 8, 16)]
     for name, make in variants:
         kv = torch.zeros_like(kv_ref)
         try:
