@@ -10,7 +10,6 @@ and largest difference from the default's output.
 """
 import argparse
 import json
-import math
 
 import torch
 
@@ -68,4 +67,3 @@ for label, H, S in SHAPES:
                 json.dump(res, f, indent=1)
     del cache, q, ref
     torch.cuda.empty_cache()
-assert all(math.isfinite(r.get("ms", 0.0)) for r in res)
