@@ -202,66 +202,71 @@ def run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs):
     return f, q_out
 
 
-print(f"copy bandwidth {copy_bandwidth():.2f} TB/s (read + write)")
-for dim, heads in ((5120, 40), (1536, 12)):
-    n = 4680
-    qkv = torch.randn(n, 3 * dim, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.chunk(3, -1)
-    wq, wk = (torch.randn(dim, device="cuda").bfloat16() for _ in range(2))
-    rope = W.WanRoPE(W.WanDiTConfig("p", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).cuda()
-    cos, sin = rope.factors(3, 30, 52, frame_offset=9)
-    kv_ref = torch.zeros(2, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16)
-    q_ref = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_ref, 0).reshape(n, dim)
-    kv_ref[1].copy_(v.view(n, heads, dim // heads))
-    nbytes = 2 * 3 * n * dim * 2
-    dst = torch.empty(3 * n * dim, device="cuda", dtype=torch.bfloat16)
-    tcopy = cuda_time(lambda: dst.copy_(qkv.view(-1)), iters=20) * 1e3
-    print(f"dim {dim}: plain copy of the same bytes {tcopy * 1e3:.0f} us ({nbytes / tcopy / 1e9:.2f} TB/s)")
-    for name in ("a", "b", "e", "f11", "f21", "f41", "f13", "f23"):
-        for nw in (4, 8, 16):
-            kvs = torch.zeros(2, n, dim, device="cuda", dtype=torch.bfloat16)
-            try:
-                f, q_out = run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"  {name} nw={nw}: failed {type(e).__name__}: {str(e)[:200]}")
-                continue
-            t = cuda_time(f, iters=20) * 1e3
-            err = max((q_out - q_ref).abs().max().item(), (kvs[0] - kv_ref[0].reshape(n, dim)).abs().max().item(),
-                      (kvs[1] - kv_ref[1].reshape(n, dim)).abs().max().item())
-            print(f"  {name} nw={nw:2d}: {t * 1e3:6.0f} us ({nbytes / t / 1e9:.2f} TB/s) max|diff| vs eager {err:.3g}")
+def main():
+    print(f"copy bandwidth {copy_bandwidth():.2f} TB/s (read + write)")
+    for dim, heads in ((5120, 40), (1536, 12)):
+        n = 4680
+        qkv = torch.randn(n, 3 * dim, device="cuda", dtype=torch.bfloat16)
+        q, k, v = qkv.chunk(3, -1)
+        wq, wk = (torch.randn(dim, device="cuda").bfloat16() for _ in range(2))
+        rope = W.WanRoPE(W.WanDiTConfig("p", dim=dim, ffn_dim=8, num_heads=heads, num_layers=1)).cuda()
+        cos, sin = rope.factors(3, 30, 52, frame_offset=9)
+        kv_ref = torch.zeros(2, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16)
+        q_ref = W._qk_to_cache(q, k, wq, wk, 1e-6, cos, sin, heads, kv_ref, 0).reshape(n, dim)
+        kv_ref[1].copy_(v.view(n, heads, dim // heads))
+        nbytes = 2 * 3 * n * dim * 2
+        dst = torch.empty(3 * n * dim, device="cuda", dtype=torch.bfloat16)
+        tcopy = cuda_time(lambda: dst.copy_(qkv.view(-1)), iters=20) * 1e3
+        print(f"dim {dim}: plain copy of the same bytes {tcopy * 1e3:.0f} us ({nbytes / tcopy / 1e9:.2f} TB/s)")
+        for name in ("a", "b", "e", "f11", "f21", "f41", "f13", "f23"):
+            for nw in (4, 8, 16):
+                kvs = torch.zeros(2, n, dim, device="cuda", dtype=torch.bfloat16)
+                try:
+                    f, q_out = run_variant(name, nw, q, k, v, wq, wk, cos, sin, heads, kvs)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"  {name} nw={nw}: failed {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                t = cuda_time(f, iters=20) * 1e3
+                err = max((q_out - q_ref).abs().max().item(), (kvs[0] - kv_ref[0].reshape(n, dim)).abs().max().item(),
+                          (kvs[1] - kv_ref[1].reshape(n, dim)).abs().max().item())
+                print(f"  {name} nw={nw:2d}: {t * 1e3:6.0f} us ({nbytes / t / 1e9:.2f} TB/s) max|diff| vs eager {err:.3g}")
 
-if "--kernels-only" in sys.argv:
-    sys.exit(0)
-print("GEMMs, M=4680 (us): F.linear [out,in] | addmm [in,out] | mm no bias [out,in].t() | mm no bias [in,out]")
-M = 4680
-x5 = torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16)
-x13 = torch.randn(M, 13824, device="cuda", dtype=torch.bfloat16)
-for name, x, N in (("qkv 5120->15360", x5, 15360), ("o 5120->5120", x5, 5120), ("ffn1 5120->13824", x5, 13824),
-                   ("ffn2 13824->5120", x13, 5120), ("1.3b qkv 1536->4608", x5[:, :1536].contiguous(), 4608),
-                   ("1.3b ffn1 1536->8960", x5[:, :1536].contiguous(), 8960)):
-    K = x.shape[1]
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    wt = w.t().contiguous()
-    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    ts = [cuda_time(fn, iters=10) * 1e6 for fn in (lambda: F.linear(x, w, b), lambda: torch.addmm(b, x, wt),
-                                                   lambda: x @ w.t(), lambda: x @ wt)]
-    line = f"  {name:22s} " + " | ".join(f"{t:7.0f}" for t in ts)
-    if "ffn1" in name:
-        g1 = cuda_time(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True), iters=10) * 1e6
-        g2 = cuda_time(lambda: torch._addmm_activation(b, x, wt, use_gelu=True), iters=10) * 1e6
-        line += f"   gelu epilogue: [out,in] {g1:7.0f} | [in,out] {g2:7.0f}"
-    print(line)
+    if "--kernels-only" in sys.argv:
+        return
+    print("GEMMs, M=4680 (us): F.linear [out,in] | addmm [in,out] | mm no bias [out,in].t() | mm no bias [in,out]")
+    M = 4680
+    x5 = torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16)
+    x13 = torch.randn(M, 13824, device="cuda", dtype=torch.bfloat16)
+    for name, x, N in (("qkv 5120->15360", x5, 15360), ("o 5120->5120", x5, 5120), ("ffn1 5120->13824", x5, 13824),
+                       ("ffn2 13824->5120", x13, 5120), ("1.3b qkv 1536->4608", x5[:, :1536].contiguous(), 4608),
+                       ("1.3b ffn1 1536->8960", x5[:, :1536].contiguous(), 8960)):
+        K = x.shape[1]
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        wt = w.t().contiguous()
+        b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        ts = [cuda_time(fn, iters=10) * 1e6 for fn in (lambda: F.linear(x, w, b), lambda: torch.addmm(b, x, wt),
+                                                       lambda: x @ w.t(), lambda: x @ wt)]
+        line = f"  {name:22s} " + " | ".join(f"{t:7.0f}" for t in ts)
+        if "ffn1" in name:
+            g1 = cuda_time(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True), iters=10) * 1e6
+            g2 = cuda_time(lambda: torch._addmm_activation(b, x, wt, use_gelu=True), iters=10) * 1e6
+            line += f"   gelu epilogue: [out,in] {g1:7.0f} | [in,out] {g2:7.0f}"
+        print(line)
 
-H, D, n, S = 40, 128, 4680, 18720
-with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.no_grad():
-    qt = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16)
-    cache = torch.randn(2, 32760, H, D, device="cuda", dtype=torch.bfloat16)
-    views = (qt.transpose(0, 1)[None], cache[0, :S].transpose(0, 1)[None], cache[1, :S].transpose(0, 1)[None])
-    contig = tuple(t.contiguous() for t in views)
-    cviews = (views[0], cache[0, :512].transpose(0, 1)[None], cache[1, :512].transpose(0, 1)[None])
-    ccontig = tuple(t.contiguous() for t in cviews)
-    for name, args in (("self, token-major views", views), ("self, head-major contiguous", contig),
-                       ("cross, token-major views", cviews), ("cross, head-major contiguous", ccontig)):
-        out = F.scaled_dot_product_attention(*args)
-        t = cuda_time(lambda: F.scaled_dot_product_attention(*args), iters=10) * 1e3
-        print(f"  sdpa {name:30s} {t:6.3f} ms x 40 = {t * 40:6.1f} ms; output strides {out.stride()}")
+    H, D, n, S = 40, 128, 4680, 18720
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.no_grad():
+        qt = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(2, 32760, H, D, device="cuda", dtype=torch.bfloat16)
+        views = (qt.transpose(0, 1)[None], cache[0, :S].transpose(0, 1)[None], cache[1, :S].transpose(0, 1)[None])
+        contig = tuple(t.contiguous() for t in views)
+        cviews = (views[0], cache[0, :512].transpose(0, 1)[None], cache[1, :512].transpose(0, 1)[None])
+        ccontig = tuple(t.contiguous() for t in cviews)
+        for name, args in (("self, token-major views", views), ("self, head-major contiguous", contig),
+                           ("cross, token-major views", cviews), ("cross, head-major contiguous", ccontig)):
+            out = F.scaled_dot_product_attention(*args)
+            t = cuda_time(lambda: F.scaled_dot_product_attention(*args), iters=10) * 1e3
+            print(f"  sdpa {name:30s} {t:6.3f} ms x 40 = {t * 40:6.1f} ms; output strides {out.stride()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,54 +15,12 @@ another launch shape, so outputs may differ from the first kernel's in the last 
 scale)."""
 import torch
 import triton
-import triton.language as tl
 
 from gpu_common import graph_of
+from gpu_probe_micro import qkv_f
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import dit_kernels as K
 from sdvg_rt.models import wan_dit as W
-
-
-@triton.jit
-def qk_first(q_ptr, k_ptr, in_stride, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out,
-               heads, dim, eps, HALF: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr):
-    """One token row of q or k (program axis 1). q/k and the outputs are int32 views: each word holds
-    the pair (2i, 2i+1) that RoPE rotates (little-endian: element 2i in the low half)."""
-    dt = wq_ptr.dtype.element_ty  # the model's 16-bit dtype
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)  # 0: q, 1: k
-    hh = tl.arange(0, H_PAD)[:, None]
-    pp = tl.arange(0, P_PAD)[None, :]
-    offs = hh * HALF + pp  # [heads, pairs per head] words of one row, padded to powers of two
-    m = (hh < heads) & (pp < HALF)
-    src = row * in_stride + offs
-    dst = row * (dim // 2) + offs
-    if part == 0:
-        word = tl.load(q_ptr + src, mask=m, other=0)
-        w0 = tl.load(wq_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-        w1 = tl.load(wq_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-    else:
-        word = tl.load(k_ptr + src, mask=m, other=0)
-        w0 = tl.load(wk_ptr + 2 * offs, mask=m, other=0.0).to(tl.float32)
-        w1 = tl.load(wk_ptr + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-    x0 = (word & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-    x1 = (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(tl.sum(x0 * x0 + x1 * x1, axis=1), axis=0) / dim + eps)
-    # Wan RMSNorm: normalise in fp32, cast back, times the weight in the model dtype (the fp32 product
-    # of two model-dtype values is exact, so rounding it equals the model-dtype multiply); RoPE in
-    # fp32 with the angle of pair i of the head (one table row per token, for all heads)
-    y0 = ((x0 * rstd).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
-    y1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-    pr = tl.arange(0, P_PAD)
-    c = tl.load(cos_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-    s = tl.load(sin_ptr + row * HALF + pr, mask=pr < HALF, other=0.0)[None, :]
-    o0 = (y0 * c - y1 * s).to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    o1 = (y0 * s + y1 * c).to(dt).to(tl.int16, bitcast=True).to(tl.int32)
-    out = o0 | (o1 << 16)
-    if part == 0:
-        tl.store(q_out + dst, out, mask=m)
-    else:
-        tl.store(k_out + dst, out, mask=m)
 
 
 def runtime(q, k, wq, wk, cos, sin, heads, kv, nw):
@@ -76,6 +34,8 @@ def runtime(q, k, wq, wk, cos, sin, heads, kv, nw):
 
 
 def first(q, k, wq, wk, cos, sin, heads, kv, nw):
+    """The first kernel: ``gpu_probe_micro.qkv_f`` at one row per program over q and k (grid (n, 2), so its
+    V part never runs), the form ``dit_kernels`` had before this layout."""
     n, dim = q.shape
     half = dim // heads // 2
     q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
@@ -83,8 +43,8 @@ def first(q, k, wq, wk, cos, sin, heads, kv, nw):
     hp, pp = triton.next_power_of_2(heads), triton.next_power_of_2(half)
 
     def f():
-        qk_first[(n, 2)](*i32[:2], q.stride(0) // 2, wq, wk, cos, sin, *i32[2:], heads, dim, 1e-6,
-                             HALF=half, H_PAD=hp, P_PAD=pp, num_warps=nw)
+        qkv_f[(n, 2)](i32[0], i32[1], i32[0], q.stride(0) // 2, wq, wk, cos, sin, i32[2], i32[3], i32[2], heads,
+                      dim, 1e-6, n, HALF=half, H_PAD=hp, P_PAD=pp, ROWS=1, PARTS=2, num_warps=nw)
     return f, q_out
 
 
