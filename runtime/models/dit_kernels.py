@@ -17,9 +17,11 @@ rounding to the model dtype where the eager code rounds the residual stream or a
   GEMM. It covers norm1 of the first layer, the residual+norm3, the residual+norm2 and the FFN residual
   fused with the next layer's norm1 (or the head's).
 
-One program per token row (``dim`` <= 8192 elements in registers); rows of a ``[F, tpf, dim]``
-activation belong to frame ``row // tpf``, whose gate/shift/scale rows are read with their own frame
-strides (they are views into the ``[F, 6, dim]`` or ``[F, 2, dim]`` modulation).
+One program per token row, held in registers as two power-of-two chunks, the first unmasked (5120 =
+4096 + 1024 for the 14B, 1536 = 1024 + 512 for the 1.3B: no padded lanes; at 14B shapes 1.34x the first
+kernel's one 8192-lane tile as it was launched, 1.15x its best launch, ``tools/probes/ln_quant.py``); rows of a ``[F, tpf, dim]`` activation
+belong to frame ``row // tpf``, whose gate/shift/scale rows are read with their own frame strides (they
+are views into the ``[F, 6, dim]`` or ``[F, 2, dim]`` modulation).
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 from __future__ import annotations
@@ -37,10 +39,10 @@ except ImportError:  # pragma: no cover - the GPU image and the test extra have 
 AVAILABLE = triton is not None
 
 
-def _num_warps(block: int) -> int:
-    """Warps for a one-row program of ``block`` elements: 8 for the 1.3B's rows (2048), 16 for the 14B's
-    (8192), the fastest in ``tools/probes/gpu_probe_micro2.py``."""
-    return max(4, min(16, block // 256))
+def residual_ln_warps(dim: int) -> int:
+    """Warps of a ``residual_ln`` program (one row of ``dim`` elements): about 1,000-1,300 elements a warp,
+    4 for the 14B's 5120 and 2 for the 1.3B's 1536, the fastest for both in ``tools/probes/ln_quant.py``."""
+    return max(2, min(16, 1 << max(0, (dim // 1024).bit_length() - 1)))
 
 
 if AVAILABLE:
@@ -95,40 +97,77 @@ if AVAILABLE:
         tl.store(dst + ob, _pack(yb0 * cb - yb1 * sb, yb0 * sb + yb1 * cb, DT), mask=mb)
 
     @triton.jit
+    def _ld(ptr, offs, m, MASKED: tl.constexpr):
+        if MASKED:
+            v = tl.load(ptr + offs, mask=m, other=0.0)
+        else:
+            v = tl.load(ptr + offs)
+        return v
+
+    @triton.jit
+    def _st(ptr, offs, v, m, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr + offs, v, mask=m)
+        else:
+            tl.store(ptr + offs, v)
+
+    @triton.jit
+    def _ln_residual(x_ptr, y_ptr, g_ptr, x_out, offs, m, HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr,
+                     MASKED: tl.constexpr):
+        """One chunk of ``x + y * gate`` (rounded to the model dtype, stored), returned in fp32."""
+        x = _ld(x_ptr, offs, m, MASKED)
+        if HAS_Y:
+            y = _ld(y_ptr, offs, m, MASKED).to(tl.float32)
+            if HAS_GATE:
+                y = y * _ld(g_ptr, offs, m, MASKED).to(tl.float32)
+            x = (x.to(tl.float32) + y).to(x.dtype)  # the residual stream is kept in the model dtype
+            _st(x_out, offs, x, m, MASKED)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _ln_out(xc, rstd, w_ptr, b_ptr, sh_ptr, sc_ptr, h_out, qs, offs, m, AFFINE: tl.constexpr,
+                MODULATED: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr):
+        """One chunk of the normalised output: affine or modulated, stored in the model dtype or e4m3."""
+        h = xc * rstd
+        if AFFINE:
+            h = h * _ld(w_ptr, offs, m, MASKED).to(tl.float32) + _ld(b_ptr, offs, m, MASKED).to(tl.float32)
+        if MODULATED:
+            h = h * (1.0 + _ld(sc_ptr, offs, m, MASKED).to(tl.float32)) + _ld(sh_ptr, offs, m, MASKED).to(tl.float32)
+        if FP8:  # fp8 hook (models.fp8): h quantized with the static scale of the GEMM it feeds
+            _st(h_out, offs, tl.clamp(h / qs, -448.0, 448.0).to(h_out.dtype.element_ty), m, MASKED)
+        else:
+            _st(h_out, offs, h.to(h_out.dtype.element_ty), m, MASKED)
+
+    @triton.jit
     def _residual_ln_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, x_out, h_out,
-                            tpf, gate_stride, shift_stride, scale_stride, dim, eps, qs_ptr, rs_out,
+                            tpf, gate_stride, shift_stride, scale_stride, eps, qs_ptr, rs_out,
                             HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr,
-                            MODULATED: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr = False,
-                            ROWSCALE: tl.constexpr = False):
+                            MODULATED: tl.constexpr, DIM: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                            FP8: tl.constexpr = False, ROWSCALE: tl.constexpr = False):
+        """One token row: ``DIM`` elements as two power-of-two chunks, ``A <= DIM`` (unmasked) and ``B``
+        (masked to ``DIM - A``): 4096 + 1024 for the 14B's 5120, 1024 + 512 for the 1.3B's 1536."""
         row = tl.program_id(0).to(tl.int64)
         frame = row // tpf
-        offs = tl.arange(0, BLOCK)
-        m = offs < dim
-        x = tl.load(x_ptr + row * dim + offs, mask=m, other=0.0)
-        dtype = x.dtype
-        if HAS_Y:
-            y = tl.load(y_ptr + row * dim + offs, mask=m, other=0.0).to(tl.float32)
-            if HAS_GATE:
-                y = y * tl.load(gate_ptr + frame * gate_stride + offs, mask=m, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) + y).to(dtype)  # the residual stream is kept in the model dtype
-            tl.store(x_out + row * dim + offs, x, mask=m)
-        xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / dim
-        xc = tl.where(m, xf - mean, 0.0)
-        h = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / dim + eps)
-        if AFFINE:
-            h = h * tl.load(w_ptr + offs, mask=m).to(tl.float32) + tl.load(b_ptr + offs, mask=m).to(tl.float32)
-        if MODULATED:
-            sc = tl.load(scale_ptr + frame * scale_stride + offs, mask=m).to(tl.float32)
-            sh = tl.load(shift_ptr + frame * shift_stride + offs, mask=m).to(tl.float32)
-            h = h * (1.0 + sc) + sh
-        if FP8:  # fp8 hook (models.fp8): h quantized with the static scale of the GEMM it feeds
+        base = row * DIM
+        oa = tl.arange(0, A)
+        ob = A + tl.arange(0, B)
+        mb = ob < DIM
+        gp = gate_ptr + frame * gate_stride
+        xa = _ln_residual(x_ptr + base, y_ptr + base, gp, x_out + base, oa, mb, HAS_Y, HAS_GATE, False)
+        xb = _ln_residual(x_ptr + base, y_ptr + base, gp, x_out + base, ob, mb, HAS_Y, HAS_GATE, True)
+        mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) / DIM
+        xa = xa - mean
+        xb = tl.where(mb, xb - mean, 0.0)
+        rstd = tl.rsqrt((tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) / DIM + eps)
+        qs = 1.0
+        if FP8:
             qs = tl.load(qs_ptr)
-            tl.store(h_out + row * dim + offs, tl.clamp(h / qs, -448.0, 448.0).to(h_out.dtype.element_ty), mask=m)
             if ROWSCALE:
                 tl.store(rs_out + row, qs)
-        else:
-            tl.store(h_out + row * dim + offs, h.to(dtype), mask=m)
+        sh = shift_ptr + frame * shift_stride
+        sc = scale_ptr + frame * scale_stride
+        _ln_out(xa, rstd, w_ptr, b_ptr, sh, sc, h_out + base, qs, oa, mb, AFFINE, MODULATED, FP8, False)
+        _ln_out(xb, rstd, w_ptr, b_ptr, sh, sc, h_out + base, qs, ob, mb, AFFINE, MODULATED, FP8, True)
 
 
 def _on(device: torch.device):
@@ -195,14 +234,15 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
 def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                 shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-                out_scale: torch.Tensor | None = None, rowwise: bool = False):
+                out_scale: torch.Tensor | None = None, rowwise: bool = False, num_warps: int | None = None):
     """x, y ``[F, tpf, dim]`` contiguous; gate/shift/scale per frame ``[F, 1, dim]`` (rows may be strided);
     weight/bias ``[dim]``. Returns ``(x + y * gate, LN(x + y * gate) [affine] [* (1 + scale) + shift])``
     (with ``y`` None: ``(x, LN(x)...)``).
 
     fp8 hook (``models.fp8``): with ``out_scale`` (0-dim fp32) the normalised output is written in e4m3 as
     ``clamp(h / out_scale, +-448)`` and a third value is returned: ``[F*tpf, 1]`` fp32 rows holding
-    ``out_scale`` (the rowwise GEMM's ``scale_a``) when ``rowwise``, else None."""
+    ``out_scale`` (the rowwise GEMM's ``scale_a``) when ``rowwise``, else None. ``num_warps``: the launch's
+    (default ``residual_ln_warps(dim)``)."""
     Fr, tpf, dim = x.shape
     if not x.is_contiguous():
         raise ValueError(f"residual_ln: x must be contiguous, strides {x.stride()}")
@@ -218,12 +258,14 @@ def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | No
     fp8 = out_scale is not None
     h = torch.empty_like(x, dtype=torch.float8_e4m3fn) if fp8 else torch.empty_like(x)
     rs = torch.empty(Fr * tpf, 1, dtype=torch.float32, device=x.device) if fp8 and rowwise else None
-    block = triton.next_power_of_2(dim)
+    a = 1 << (dim.bit_length() - 1)  # the largest power of two <= dim, then the rest
+    b = triton.next_power_of_2(max(1, dim - a))
     with _on(x.device):
         _residual_ln_kernel[(Fr * tpf,)](
             x, y if y is not None else x, gate if gate is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, shift if shift is not None else x, scale if scale is not None else x,
-            x_out, h, tpf, *strides, dim, eps, out_scale if fp8 else x, rs if rs is not None else x,
+            x_out, h, tpf, *strides, eps, out_scale if fp8 else x, rs if rs is not None else x,
             HAS_Y=y is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
-            MODULATED=scale is not None, BLOCK=block, FP8=fp8, ROWSCALE=rs is not None, num_warps=_num_warps(block))
+            MODULATED=scale is not None, DIM=dim, A=a, B=b, FP8=fp8, ROWSCALE=rs is not None,
+            num_warps=num_warps or residual_ln_warps(dim))
     return (x_out, h, rs) if fp8 else (x_out, h)

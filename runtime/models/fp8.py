@@ -47,6 +47,7 @@ FP8_MAX = 448.0
 FORMAT = "sdvg-rt fp8 activation amax"
 FORMAT_VERSION = "1"
 WEIGHT_SCALINGS = ("channel", "tensor")
+QUANT_BLOCK, QUANT_WARPS = 4096, 4  # the cast's and GELU+cast's launch: the fastest in tools/probes/ln_quant.py
 
 try:
     import triton
@@ -141,21 +142,28 @@ class Fp8Act:
 if triton is not None:
 
     @triton.jit
-    def _quant_kernel(x_ptr, y_ptr, rs_ptr, s_ptr, K, GELU: tl.constexpr, ROWSCALE: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = col < K
+    def _quant_kernel(x_ptr, y_ptr, rs_ptr, s_ptr, N, M, GELU: tl.constexpr, ROWSCALE: tl.constexpr,
+                      BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        """``BLOCK`` consecutive elements of the flat ``[M, K]`` input (``N = M * K``; ``EVEN``: N is a
+        multiple of BLOCK, no mask, as at both DiTs' block shapes); with ``ROWSCALE`` the first programs
+        also write the ``[M, 1]`` rows of the scale that the rowwise GEMM takes."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         s = tl.load(s_ptr)
-        x = tl.load(x_ptr + row * K + col, mask=m, other=0.0).to(tl.float32)
+        if EVEN:
+            x = tl.load(x_ptr + offs).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
         if GELU:  # tanh GELU in fp32 (nn.GELU(approximate="tanh"))
             u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             x = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
-        q = tl.clamp(x / s, -448.0, 448.0)
-        tl.store(y_ptr + row * K + col, q.to(y_ptr.dtype.element_ty), mask=m)
+        q = tl.clamp(x / s, -448.0, 448.0).to(y_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(y_ptr + offs, q)
+        else:
+            tl.store(y_ptr + offs, q, mask=offs < N)
         if ROWSCALE:
-            if tl.program_id(1) == 0:
-                tl.store(rs_ptr + row, s)
+            if tl.program_id(0).to(tl.int64) * BLOCK < M:
+                tl.store(rs_ptr + offs, s + tl.zeros([BLOCK], tl.float32), mask=offs < M)
 
 
 def quantize_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -169,20 +177,28 @@ def _row_scale(scale: torch.Tensor, rows: int, rowwise: bool) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, rowwise: bool, gelu: bool = False) -> Fp8Act:
     """x ``[..., K]`` (16-bit or fp32) -> ``Fp8Act`` with the static ``scale`` (0-dim fp32); ``gelu``
-    applies tanh-GELU first. CUDA: one Triton pass; elsewhere the same maths in torch."""
-    K = x.shape[-1]
-    M = x.numel() // K
+    applies tanh-GELU first. CUDA: one Triton pass (``quantize_kernel``); elsewhere the same maths in torch."""
     if _fast(x) and triton is not None:
-        x2 = x.contiguous()
-        y = torch.empty(x.shape, dtype=E4M3, device=x.device)
-        rs = torch.empty(M, 1, dtype=torch.float32, device=x.device) if rowwise else scale
-        block = min(4096, triton.next_power_of_2(K))
-        with torch.cuda.device(x.device):
-            _quant_kernel[(M, triton.cdiv(K, block))](x2, y, rs, scale, K, GELU=gelu, ROWSCALE=rowwise,
-                                                       BLOCK=block, num_warps=8)
-        return Fp8Act(y, rs)
+        return quantize_kernel(x, scale, rowwise, gelu)
     xf = F.gelu(x.float(), approximate="tanh") if gelu else x
-    return Fp8Act(quantize_ref(xf, scale), _row_scale(scale, M, rowwise))
+    return Fp8Act(quantize_ref(xf, scale), _row_scale(scale, x.numel() // x.shape[-1], rowwise))
+
+
+def quantize_kernel(x: torch.Tensor, scale: torch.Tensor, rowwise: bool, gelu: bool = False,
+                    block: int = QUANT_BLOCK, num_warps: int = QUANT_WARPS) -> Fp8Act:
+    """``quantize`` as one Triton pass over the flat tensor (on the tensors' device; on a CPU tensor under
+    Triton's interpreter, as the tests run it)."""
+    from .dit_kernels import _on
+
+    M = x.numel() // x.shape[-1]
+    x2 = x.contiguous()
+    y = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    rs = torch.empty(M, 1, dtype=torch.float32, device=x.device) if rowwise else scale
+    n = x2.numel()
+    with _on(x.device):
+        _quant_kernel[(triton.cdiv(n, block),)](x2, y, rs, scale, n, M, GELU=gelu, ROWSCALE=rowwise, BLOCK=block,
+                                                EVEN=n % block == 0, num_warps=num_warps)
+    return Fp8Act(y, rs)
 
 
 def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops, *args):
