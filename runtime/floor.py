@@ -64,11 +64,11 @@ class FloorProbe:
 
         hd = self.dim // self.num_heads
         if self.backend == "fa4":
-            from .models.attention import load_fa4
+            from .models.attention import Attention
 
-            fa4 = load_fa4()
-            q = torch.randn(1, lq, self.num_heads, hd, device=self.device, dtype=torch.bfloat16)
-            k = torch.randn(1, lkv, self.num_heads, hd, device=self.device, dtype=torch.bfloat16)
+            fa4 = Attention("fa4")  # the runtime's call, its tiles included
+            q = torch.randn(lq, self.num_heads, hd, device=self.device, dtype=torch.bfloat16)
+            k = torch.randn(lkv, self.num_heads, hd, device=self.device, dtype=torch.bfloat16)
             v = torch.randn_like(k)
             fa4(q, k, v)  # compiles once; then timed as a CUDA-graph replay, as the runtime runs it (the
             g = torch.cuda.CUDAGraph()  # Python call alone takes longer than the text attention's kernel)

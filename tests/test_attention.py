@@ -9,16 +9,23 @@ from sdvg_rt.models import attention as attn_mod
 from sdvg_rt.profiles import ATTENTION_BACKENDS
 
 
-def _fake_fa4(monkeypatch, calls: list):
-    """A stand-in ``flash_attn.cute.interface`` whose ``flash_attn_func`` records its calls."""
+def _fake_fa4(monkeypatch, calls: list, tiled: list | None = None):
+    """A stand-in ``flash_attn.cute.interface`` whose ``flash_attn_func`` records its calls; with ``tiled``,
+    also the internal forward with tile arguments (as the pinned release has), recording (heads, tiles)."""
 
     def flash_attn_func(q, k, v):
         calls.append((q.shape, k.shape))
         return torch.zeros_like(q), None
 
+    def _flash_attn_fwd(q, k, v, softmax_scale=None, tile_mn=None, mma_pv_is_rs=None, intra_wg_overlap=None):
+        tiled.append((q.shape[2], dict(tile_mn=tile_mn, mma_pv_is_rs=mma_pv_is_rs, intra_wg_overlap=intra_wg_overlap)))
+        return torch.ones_like(q), None, None, None, None
+
     mods = {"flash_attn": types.ModuleType("flash_attn"), "flash_attn.cute": types.ModuleType("flash_attn.cute"),
             "flash_attn.cute.interface": types.ModuleType("flash_attn.cute.interface")}
     mods["flash_attn.cute.interface"].flash_attn_func = flash_attn_func
+    if tiled is not None:
+        mods["flash_attn.cute.interface"]._flash_attn_fwd = _flash_attn_fwd
     for name, m in mods.items():
         monkeypatch.setitem(sys.modules, name, m)
 
@@ -119,3 +126,44 @@ def test_fa4_dispatch_conditions_on_tensors_that_take_the_gpu_branch(monkeypatch
     q32 = torch.randn(5, 2, 16, generator=g).as_subclass(_OnCuda)
     attn(q32, q32, q32)
     assert calls == [], "an fp32 call reached FlashAttention-4 (bf16/fp16 only)"
+
+
+def test_fa4_tiles_by_head_count(monkeypatch):
+    """Head counts in ``FA4_TILES`` (the 14B's 40) run FlashAttention-4's forward with those tiles; others, a
+    release without that forward, or ``fa4_tiles={}`` run ``flash_attn_func`` with its own choice."""
+    calls, tiled = [], []
+    _fake_fa4(monkeypatch, calls, tiled)
+    assert 40 in attn_mod.FA4_TILES and 12 not in attn_mod.FA4_TILES
+    g = torch.Generator().manual_seed(1)
+
+    def qkv(heads):
+        return (torch.randn(L, heads, 8, generator=g).bfloat16().as_subclass(_OnCuda) for L in (4, 6, 6))
+    attn = attn_mod.Attention("fa4")
+    out = attn(*qkv(40))
+    assert tiled == [(40, attn_mod.FA4_TILES[40])] and calls == [] and (out == 1).all() and out.shape == (4, 40, 8)
+    tiled.clear()
+    attn(*qkv(12))
+    assert tiled == [] and len(calls) == 1
+    calls.clear()
+    attn_mod.Attention("fa4", fa4_tiles={})(*qkv(40))
+    assert tiled == [] and len(calls) == 1
+    calls.clear()
+    _fake_fa4(monkeypatch, calls)  # a release without the tiled forward
+    attn_mod.Attention("fa4")(*qkv(40))
+    assert tiled == [] and len(calls) == 1
+
+
+@pytest.mark.skipif(not _HAS_FA4, reason="needs a Hopper GPU and flash-attn-4 (pip install 'sdvg-rt[fa4]')")
+def test_fa4_tiles_of_the_14b_give_flash_attn_funcs_output_bit_for_bit():
+    """The 14B's tiles (192x128) reduce the keys in the same 128-wide tiles as FlashAttention-4's own choice:
+    the same output, bit for bit, on the self-attention over cache slices and on the text keys."""
+    a = attn_mod.Attention("fa4")
+    assert 40 in a._fa4_tiles, "the pinned flash-attn-4 release lacks the tiled forward"
+    func = attn_mod.load_fa4()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, lq = 40, 128, 4680
+    kv = torch.randn(2, 2 * lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    for lk in (2 * lq, 512):
+        k, v = kv[0, :lk], kv[1, :lk]
+        assert torch.equal(a(q, k, v), func(q[None], k[None], v[None])[0][0]), lk

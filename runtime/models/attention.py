@@ -14,6 +14,8 @@ result is ``[Lq, H, D]``. The optional boolean ``mask [Lq, Lk]`` is True where a
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,16 +38,37 @@ FA4_INSTALL = "pip install 'sdvg-rt[fa4]' (flash-attn-4 and the CUTLASS DSL; see
 _MASK_FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# FlashAttention-4's forward tiles by head count where a measured configuration beats its own choice (128x128
+# for head dim 128 on sm90). The 14B's 40 heads: 192x128 query x key tiles, P@V from registers, no intra-
+# warpgroup overlap: 1.01-1.04x on its self-attention over 1-7 cache blocks and 1.11x on the 512 text keys,
+# bit-identical outputs (the keys are reduced in the same 128-wide tiles), about 62 ms per target-mode video;
+# the 1.3B's 12 heads gain nothing consistent (tools/probes/fa4_tiles.py, H200; docs/PERFORMANCE.md).
+FA4_TILES = {40: {"tile_mn": (192, 128), "mma_pv_is_rs": True, "intra_wg_overlap": False}}
+
+
 def load_fa4():
     """FlashAttention-4's ``flash_attn_func`` (the optional package ``flash-attn-4``); raises RuntimeError
     naming the install command when it cannot be imported. The import takes about 10 s (the CUTLASS DSL);
     each kernel configuration compiles on its first call (about 3 s), before any CUDA-graph capture."""
+    return _import_fa4()[0]
+
+
+def _import_fa4():
+    """(``flash_attn_func``, its forward with tile arguments or None). The forward is the pinned version's
+    internal ``_flash_attn_fwd``; a release without it (or without its tile arguments) runs every call
+    through ``flash_attn_func`` with FlashAttention-4's own tiles."""
     try:
-        from flash_attn.cute.interface import flash_attn_func
+        from flash_attn.cute import interface
+        func = interface.flash_attn_func
     except Exception as e:  # ImportError, or the DSL failing to find its CUDA toolkit flavour
         raise RuntimeError(f"attention backend 'fa4' needs FlashAttention-4: {FA4_INSTALL}; import failed: "
                            f"{type(e).__name__}: {e}") from e
-    return flash_attn_func
+    fwd = getattr(interface, "_flash_attn_fwd", None)
+    try:
+        params = inspect.signature(fwd).parameters if fwd is not None else {}
+    except (TypeError, ValueError):
+        params = {}
+    return func, (fwd if {"tile_mn", "mma_pv_is_rs", "intra_wg_overlap"} <= set(params) else None)
 
 
 class Attention:
@@ -53,24 +76,29 @@ class Attention:
 
     "auto": FlashAttention-4 on a Hopper GPU ``device`` where ``flash-attn-4`` is installed (faster than
     cuDNN at the DiT's shapes, docs/PERFORMANCE.md), else SDPA with cuDNN first. "fa4": FlashAttention-4,
-    an error if it is not installed. "cudnn" | "flash" | "efficient" | "math": that SDPA backend."""
+    an error if it is not installed. "cudnn" | "flash" | "efficient" | "math": that SDPA backend.
+    ``fa4_tiles``: FlashAttention-4's tiles per head count (default ``FA4_TILES``)."""
 
-    def __init__(self, name: str = "auto", device: torch.device | str | None = None):
+    def __init__(self, name: str = "auto", device: torch.device | str | None = None,
+                 fa4_tiles: dict[int, dict] | None = None):
         if name not in NAMES:
             raise ValueError(
                 f"unknown attention backend {name!r}; choose one of {list(NAMES)} "
                 "(profile field performance.attention)"
             )
-        fa4 = None
+        fa4 = fwd = None
         if name == "fa4":
-            fa4 = load_fa4()
+            fa4, fwd = _import_fa4()
         elif name == "auto" and device is not None and torch.device(device).type == "cuda" \
                 and torch.cuda.get_device_capability(torch.device(device))[0] == 9:
             try:
-                fa4 = load_fa4()
+                fa4, fwd = _import_fa4()
             except RuntimeError:
                 fa4 = None  # not installed: cuDNN
         self.name, self._fa4 = name, fa4
+        # head count -> FlashAttention-4 forward tiles (default ``FA4_TILES``; {} keeps its own choice)
+        self._fa4_tiles = (FA4_TILES if fa4_tiles is None else fa4_tiles) if fwd is not None else {}
+        self._fa4_fwd = fwd
         self._backends = list(_BACKENDS["auto" if name == "fa4" else name])
         self._backends_masked = self._backends + [b for b in _MASK_FALLBACK if b not in self._backends]
 
@@ -90,6 +118,9 @@ class Attention:
         """
         if self._fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
                 and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            tiles = self._fa4_tiles.get(q.shape[1])
+            if tiles is not None:
+                return self._fa4_fwd(q[None], k[None], v[None], **tiles)[0][0]
             return self._fa4(q[None], k[None], v[None])[0][0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D] views
         kh = k.transpose(0, 1).unsqueeze(0)
