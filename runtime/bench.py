@@ -574,6 +574,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-blocks", type=int, default=2, help="fp8: blocks of calibration on the random weights")
     p.add_argument("--fp8-weight-scaling", choices=("channel", "tensor"), default="channel")
     p.add_argument("--fp8-cross-kv", action="store_true", help="fp8: the text K/V weights in fp8 too (memory)")
+    p.add_argument("--fp8-drafter", action="store_true",
+                   help="fp8: after the fp8-target rows, calibrate and quantize the drafter too (the same settings) "
+                        "and report its accuracy in draft mode, its block and commit times and the videos again "
+                        "(profile: quantization: {target: fp8, drafter: fp8})")
     p.add_argument("--skip-self-check", action="store_true", help="skip the bf16 self-check (faster)")
     p.add_argument("--devices", type=_devices, default=["one"], metavar="one,split",
                    help="placements to time, side by side: one (every part on one GPU, default), split (drafter, "
@@ -655,6 +659,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         atomic_write_json(a.json, res)
     checks = [res["self_check"], res.get("fp8", {}).get("self_check"),
+              (res.get("fp8", {}).get("drafter") or {}).get("self_check"),
               *[(res.get(d) or {}).get("self_check") for d in SPLIT_LIKE]]
     failed = any(sc is not None and sc.get("graph_check", "run") == "run"
                  and not (sc["latents_equal"] and sc["frames_equal"] and sc.get("sync_check", "passed") == "passed")

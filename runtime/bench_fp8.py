@@ -6,7 +6,9 @@ mode (eager, every flow prediction recorded); (2) calibration on those weights (
 (its bf16 weights freed); (4) the same video in fp8 and the accuracy table against (1): per block the
 relative error of the flow predictions (step 0, and the mean over steps) and of the committed latents, the
 decoded frames' PSNR, the ImageReward difference; (5) the CUDA-graph self-check, the fp8 kernels against
-fp32 at production shapes, the target's block and commit times, and whole videos with peak memory.
+fp32 at production shapes, the target's block and commit times, and whole videos with peak memory. With
+``--fp8-drafter`` the drafter then goes the same way (its reference and fp8 videos in draft mode, its own
+calibration), and its block and commit times and the videos are measured again with both DiTs in fp8.
 
 What random weights can tell: the fp8 kernels' and GEMMs' numerical error, how it compounds through 40
 layers, 4 steps and the KV cache over 7 blocks, the speed and the memory. What they cannot: whether the
@@ -21,6 +23,9 @@ import math
 
 import numpy as np
 import torch
+
+
+MODE = {"target": "target", "drafter": "draft"}  # the mode in which a DiT makes every block alone
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -41,16 +46,17 @@ def _reset_loop(rt) -> None:
         torch.cuda.empty_cache()
 
 
-def reference_video(rt, prompt, seed: int = 0) -> dict:
-    """A target-mode video with the target's graphs off, recording every flow prediction (host fp32)."""
+def reference_video(rt, prompt, seed: int = 0, kind: str = "target") -> dict:
+    """A video of ``kind``'s DiT alone (``target`` mode, or ``draft`` mode for the drafter) with its graphs
+    off, recording every flow prediction (host fp32)."""
     rt.allocate()
-    den = rt.loop.target
+    den = getattr(rt.loop, kind)
     flows = []
     handle = den.step.model.register_forward_hook(lambda m, i, o: flows.append(o.float().cpu()))
     was = den.graphs.enabled
     den.graphs.enabled = False
     try:
-        frames = [b.frames for b in rt.stream(prompt, mode="target", tau=0.0, seed=seed)]
+        frames = [b.frames for b in rt.stream(prompt, mode=MODE[kind], tau=0.0, seed=seed)]
     finally:
         handle.remove()
         den.graphs.enabled = was
@@ -87,20 +93,45 @@ def compare(ref: dict, q: dict, frames_per_block: int) -> dict:
             "imagereward_fp8": float(torch.cat(q["rewards"]).mean())}
 
 
-def calibrate_in_memory(rt, prompt, blocks: int, log=print) -> dict:
-    """Observe the target's GEMM inputs over ``blocks`` target-mode blocks (every step and commit)."""
+def calibrate_in_memory(rt, prompt, blocks: int, log=print, kind: str = "target") -> dict:
+    """Observe ``kind``'s GEMM inputs over ``blocks`` blocks of its own mode (every step and commit)."""
     from .models import fp8
 
-    model = rt.models["target"]
+    model = rt.models[kind]
     fp8.quantize_dit(model, None, fp8.Fp8Config(0, 0, cross_kv=True))
     _reset_loop(rt)
     rt.allocate()
-    for _ in rt.stream(prompt, mode="target", tau=0.0, seed=11, max_blocks=blocks):
+    for _ in rt.stream(prompt, mode=MODE[kind], tau=0.0, seed=11, max_blocks=blocks):
         pass
     amax = fp8.collect_amax(model)
-    log(f"  calibrated {len(amax)} GEMM inputs over {blocks} blocks (amax {min(float(v) for v in amax.values()):.3g}"
-        f"..{max(float(v) for v in amax.values()):.3g})")
+    log(f"  {kind}: calibrated {len(amax)} GEMM inputs over {blocks} blocks (amax "
+        f"{min(float(v) for v in amax.values()):.3g}..{max(float(v) for v in amax.values()):.3g})")
     return amax
+
+
+def quantize_part(rt, kind: str, prompt, calib, a, log=print) -> dict:
+    """``kind``'s DiT: a bf16 reference video of its own mode, calibration on ``calib``, quantization in
+    place (its bf16 weights freed), the same video in fp8 and the accuracy against the reference."""
+    from .models import fp8
+
+    model = rt.models[kind]
+    res = {"weights_GiB_bf16": _model_bytes(model) / 2**30}
+    log(f"  fp8: bf16 reference video ({MODE[kind]} mode, eager)")
+    ref = reference_video(rt, prompt, kind=kind)
+    amax = calibrate_in_memory(rt, calib, a.calib_blocks, log, kind=kind)
+    fp8.quantize_dit(model, amax, fp8.Fp8Config(weight_scaling=a.fp8_weight_scaling, cross_kv=a.fp8_cross_kv))
+    _reset_loop(rt)
+    res["weights_GiB_fp8"] = _model_bytes(model) / 2**30
+    res["quantized_blocks"] = sum(isinstance(b.ffn[0], fp8.Fp8Linear) for b in model.blocks)
+    res["blocks"] = len(model.blocks)
+    log(f"  fp8: {kind} quantized ({res['quantized_blocks']}/{len(model.blocks)} blocks); weights "
+        f"{res['weights_GiB_bf16']:.1f} -> {res['weights_GiB_fp8']:.1f} GiB")
+    q = reference_video(rt, prompt, kind=kind)
+    res["accuracy"] = compare(ref, q, rt.profile.video.frames_per_block)
+    for r in res["accuracy"]["blocks"]:
+        log(f"  fp8 {kind} block {r['block']}: flow rel err {r['flow_rel_err_step0']:.3e} "
+            f"(mean {r['flow_rel_err_mean']:.3e}), latents {r['latent_rel_err']:.3e}, PSNR {r['frames_psnr_db']:.1f} dB")
+    return res
 
 
 def _model_bytes(m) -> int:
@@ -161,65 +192,78 @@ def run_fp8(rt, device, a, runs, log=print, checkpoint=None) -> dict:
     calib = PreparedPrompt("calibration", torch.randn(1, cfg.text_len, cfg.text_dim,
                                                       generator=torch.Generator().manual_seed(5)))
     res = {"calib_blocks": a.calib_blocks, "weight_scaling": a.fp8_weight_scaling, "cross_kv": a.fp8_cross_kv}
-    target = rt.models["target"]
-    res["target_weights_GiB_bf16"] = _model_bytes(target) / 2**30
-    log("  fp8: bf16 reference video (target mode, eager)")
-    ref = reference_video(rt, prompt)
-    amax = calibrate_in_memory(rt, calib, a.calib_blocks, log)
-    fp8.quantize_dit(target, amax, fp8.Fp8Config(weight_scaling=a.fp8_weight_scaling, cross_kv=a.fp8_cross_kv))
-    _reset_loop(rt)
-    res["target_weights_GiB_fp8"] = _model_bytes(target) / 2**30
-    res["quantized_blocks"] = sum(isinstance(b.ffn[0], fp8.Fp8Linear) for b in target.blocks)
-    log(f"  fp8: target quantized ({res['quantized_blocks']}/{len(target.blocks)} blocks); weights "
-        f"{res['target_weights_GiB_bf16']:.1f} -> {res['target_weights_GiB_fp8']:.1f} GiB")
-    q = reference_video(rt, prompt)
-    res["accuracy"] = compare(ref, q, rt.profile.video.frames_per_block)
-    del ref, q
-    for r in res["accuracy"]["blocks"]:
-        log(f"  fp8 block {r['block']}: flow rel err {r['flow_rel_err_step0']:.3e} (mean {r['flow_rel_err_mean']:.3e}), "
-            f"latents {r['latent_rel_err']:.3e}, PSNR {r['frames_psnr_db']:.1f} dB")
+    part = quantize_part(rt, "target", prompt, calib, a, log)
+    res.update({"target_weights_GiB_bf16": part["weights_GiB_bf16"], "target_weights_GiB_fp8": part["weights_GiB_fp8"],
+                "quantized_blocks": part["quantized_blocks"], "accuracy": part["accuracy"]})
     checkpoint(res)
     res["self_check"] = self_check(rt, device)
-    res["self_check"].update(kernel_check_fp8(target.cfg, device))
+    res["self_check"].update(kernel_check_fp8(rt.models["target"].cfg, device))
     checkpoint(res)
     res["components"] = bench_components(rt, device, a.repeats, kinds=("target",))
     checkpoint(res)
     res["e2e"] = bench_e2e(rt, device, runs)
+    if getattr(a, "fp8_drafter", False):  # then the drafter too: both DiTs in fp8
+        checkpoint(res)
+        d = quantize_part(rt, "drafter", prompt, calib, a, log)
+        d["self_check"] = self_check(rt, device)
+        checkpoint({**res, "drafter": d})
+        d["components"] = bench_components(rt, device, a.repeats, kinds=("drafter",))
+        checkpoint({**res, "drafter": d})
+        d["e2e"] = bench_e2e(rt, device, runs)
+        res["drafter"] = d
     return res
+
+
+def _accuracy_lines(acc: dict) -> list[str]:
+    lines = ["| block | flow rel err step 0 | flow rel err mean | committed latents rel err | PSNR dB | "
+             "ImageReward diff |", "|---|---|---|---|---|---|"]
+    for r in acc["blocks"]:
+        lines.append(f"| {r['block']} | {r['flow_rel_err_step0']:.3e} | {r['flow_rel_err_mean']:.3e} | "
+                     f"{r['latent_rel_err']:.3e} | {r['frames_psnr_db']:.1f} | {r['imagereward_diff']:+.3f} |")
+    lines.append(f"| all | | | {acc['latents_rel_err']:.3e} | {acc['frames_psnr_db']:.1f} | "
+                 f"{acc['imagereward_fp8'] - acc['imagereward_bf16']:+.3f} |")
+    return lines
 
 
 def markdown(res: dict, bf16_components: dict, bf16_e2e: list) -> str:
     f = res
+    d = f.get("drafter") or {}
     lines = ["", f"FP8 target (e4m3, static scales calibrated on {f['calib_blocks']} blocks of these random weights, "
                  f"{f['weight_scaling']} weight scales, {f['quantized_blocks']} quantized blocks); target weights "
-                 f"{f['target_weights_GiB_bf16']:.1f} GiB bf16 -> {f['target_weights_GiB_fp8']:.1f} GiB", ""]
-    c = f.get("components")
-    if c:
-        lines += ["| target | bf16 ms | fp8 ms | fp8 / bf16 |", "|---|---|---|---|"]
-        for k in ("target_block_ms", "target_commit_ms"):
+                 f"{f['target_weights_GiB_bf16']:.1f} GiB bf16 -> {f['target_weights_GiB_fp8']:.1f} GiB"]
+    if d:
+        lines.append(f"Then the drafter in fp8 too ({d['quantized_blocks']}/{d['blocks']} blocks, the same settings); "
+                     f"its weights {d['weights_GiB_bf16']:.2f} GiB bf16 -> {d['weights_GiB_fp8']:.2f} GiB")
+    lines.append("")
+    rows = [("target", k, f.get("components")) for k in ("target_block_ms", "target_commit_ms")]
+    rows += [("drafter", k, d.get("components")) for k in ("drafter_block_ms", "drafter_commit_ms")]
+    rows = [r for r in rows if r[2]]
+    if rows:
+        lines += ["| component | bf16 ms | fp8 ms | fp8 / bf16 |", "|---|---|---|---|"]
+        for _, k, c in rows:
             lines.append(f"| {k[:-3].replace('_', ' ')} | {bf16_components[k]:.1f} | {c[k]:.1f} | "
                          f"{c[k] / bf16_components[k]:.3f} |")
     if f.get("e2e"):
-        lines += ["", "| mode | accept | bf16 fps | fp8 fps | bf16 peak GiB | fp8 peak GiB |", "|---|---|---|---|---|---|"]
-        for rb, rq in zip(bf16_e2e, f["e2e"]):
+        both = d.get("e2e") or [None] * len(f["e2e"])
+        pk = lambda r: "" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"  # noqa: E731
+        head = "| mode | accept | bf16 fps | fp8 target fps |" + (" fp8 both fps |" if d.get("e2e") else "")
+        head += " bf16 peak GiB | fp8 target peak GiB |" + (" fp8 both peak GiB |" if d.get("e2e") else "")
+        lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+        for rb, rq, r2 in zip(bf16_e2e, f["e2e"], both):
             acc = "" if rq["accept_rate"] is None else f"{rq['accept_rate']:.0%}"
-            pk = lambda r: "" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"  # noqa: E731
-            lines.append(f"| {rq['mode']} | {acc} | {rb['fps']:.2f} | {rq['fps']:.2f} | {pk(rb)} | {pk(rq)} |")
-    acc = f.get("accuracy")
-    if acc:
-        lines += ["", "| block | flow rel err step 0 | flow rel err mean | committed latents rel err | PSNR dB | "
-                      "ImageReward diff |", "|---|---|---|---|---|---|"]
-        for r in acc["blocks"]:
-            lines.append(f"| {r['block']} | {r['flow_rel_err_step0']:.3e} | {r['flow_rel_err_mean']:.3e} | "
-                         f"{r['latent_rel_err']:.3e} | {r['frames_psnr_db']:.1f} | {r['imagereward_diff']:+.3f} |")
-        lines.append(f"| all | | | {acc['latents_rel_err']:.3e} | {acc['frames_psnr_db']:.1f} | "
-                     f"{acc['imagereward_fp8'] - acc['imagereward_bf16']:+.3f} |")
-    sc = f.get("self_check")
-    if sc:
-        lines.append(f"\nfp8 self-check, CUDA-graph replay vs eager: latents bit-identical {sc['latents_equal']}, frames "
-                     f"identical {sc['frames_equal']}")
-        for k, (err, same, xerr) in (sc.get("fp8_kernels") or {}).items():
-            extra = "" if xerr is None else f"; its bf16 residual {xerr:.2e} relative"
-            lines.append(f"- Triton `{k}` vs fp32: {err:.2e} relative after dequantization, {same:.4%} of fp8 codes "
-                         f"equal to torch's rounding of the fp32 values{extra}")
+            fps = f"| {rq['mode']} | {acc} | {rb['fps']:.2f} | {rq['fps']:.2f} |" + (f" {r2['fps']:.2f} |" if r2 else "")
+            lines.append(fps + f" {pk(rb)} | {pk(rq)} |" + (f" {pk(r2)} |" if r2 else ""))
+    for label, part in (("target (target mode)", f), ("drafter (draft mode)", d)):
+        if part.get("accuracy"):
+            lines += ["", f"Accuracy of the fp8 {label} against bf16, the same prompt and seed:", ""]
+            lines += _accuracy_lines(part["accuracy"])
+    for label, part in (("", f), (" (both DiTs in fp8)", d)):
+        sc = part.get("self_check")
+        if sc:
+            lines.append(f"\nfp8 self-check{label}, CUDA-graph replay vs eager: latents bit-identical "
+                         f"{sc['latents_equal']}, frames identical {sc['frames_equal']}")
+            for k, (err, same, xerr) in (sc.get("fp8_kernels") or {}).items():
+                extra = "" if xerr is None else f"; its bf16 residual {xerr:.2e} relative"
+                lines.append(f"- Triton `{k}` vs fp32: {err:.2e} relative after dequantization, {same:.4%} of fp8 "
+                             f"codes equal to torch's rounding of the fp32 values{extra}")
     return "\n".join(lines)

@@ -122,3 +122,24 @@ def test_bench_runs_end_to_end_on_the_tiny_cpu_profile(tmp_path):
     assert dec[("sdvg", 1.0)][0] == "F" and set(dec[("sdvg", 1.0)][1:]) == {"A"}
     assert "| one | target |" in r.stdout and "| split | sdvg |" in r.stdout  # the markdown table
     assert "latents bit-identical: True, frames identical: True" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_fp8_with_the_drafter_on_the_tiny_cpu_profile(tmp_path):
+    """``tools/bench.py --quantization fp8 --fp8-drafter`` on the tiny CPU profile (the fp8 layers' dequantized
+    reference path): exit 0; the fp8-target rows, then the drafter quantized with the same settings, its
+    accuracy in draft mode, its block and commit times and every video again; the markdown's three columns."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--size", "tiny", "--device", "cpu",
+                        "--repeats", "1", "--modes", "target,sdvg", "--accept-rates", "0.8", "--quantization", "fp8",
+                        "--fp8-drafter", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    f = json.loads(out.read_text())["fp8"]
+    d = f["drafter"]
+    assert f["quantized_blocks"] == 1 and d["blocks"] == 2  # tiny-target: 3 blocks, tiny drafter: 2 (first/last kept)
+    assert [(x["mode"], x["accept_rate_set"]) for x in d["e2e"]] == [("target", None), ("sdvg", 0.8)]
+    assert [(x["mode"], x["accept_rate_set"]) for x in f["e2e"]] == [("target", None), ("sdvg", 0.8)]
+    assert len(d["accuracy"]["blocks"]) == 3 and d["components"]["drafter_block_ms"] > 0
+    assert "| mode | accept | bf16 fps | fp8 target fps | fp8 both fps |" in r.stdout
+    assert "Accuracy of the fp8 drafter (draft mode) against bf16" in r.stdout
