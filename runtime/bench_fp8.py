@@ -184,7 +184,6 @@ def run_fp8(rt, device, a, runs, log=print, checkpoint=None) -> dict:
     """Steps (1)-(5) of the module docstring; ``checkpoint(partial)`` is called after each step."""
     from .bench import bench_components, bench_e2e, self_check
     from .loop import PreparedPrompt
-    from .models import fp8
 
     checkpoint = checkpoint or (lambda res: None)
     cfg = rt.models["drafter"].cfg
@@ -206,6 +205,7 @@ def run_fp8(rt, device, a, runs, log=print, checkpoint=None) -> dict:
         checkpoint(res)
         d = quantize_part(rt, "drafter", prompt, calib, a, log)
         d["self_check"] = self_check(rt, device)
+        d["self_check"].update(kernel_check_fp8(rt.models["drafter"].cfg, device))
         checkpoint({**res, "drafter": d})
         d["components"] = bench_components(rt, device, a.repeats, kinds=("drafter",))
         checkpoint({**res, "drafter": d})

@@ -133,16 +133,22 @@ def test_fa4_tiles_by_head_count(monkeypatch):
     release without that forward, or ``fa4_tiles={}`` run ``flash_attn_func`` with its own choice."""
     calls, tiled = [], []
     _fake_fa4(monkeypatch, calls, tiled)
+    assert attn_mod.Attention("fa4")._fa4_tiles == {} or attn_mod._sm90(None)  # measured on Hopper only
+    monkeypatch.setattr(attn_mod, "_sm90", lambda device: True)
     assert 40 in attn_mod.FA4_TILES and 12 not in attn_mod.FA4_TILES
     g = torch.Generator().manual_seed(1)
 
     def qkv(heads):
-        return (torch.randn(L, heads, 8, generator=g).bfloat16().as_subclass(_OnCuda) for L in (4, 6, 6))
+        return (torch.randn(L, heads, 128, generator=g).bfloat16().as_subclass(_OnCuda) for L in (4, 6, 6))
     attn = attn_mod.Attention("fa4")
     out = attn(*qkv(40))
-    assert tiled == [(40, attn_mod.FA4_TILES[40])] and calls == [] and (out == 1).all() and out.shape == (4, 40, 8)
+    assert tiled == [(40, attn_mod.FA4_TILES[40])] and calls == [] and (out == 1).all() and out.shape == (4, 40, 128)
     tiled.clear()
     attn(*qkv(12))
+    assert tiled == [] and len(calls) == 1
+    calls.clear()
+    q, k, v = (t[..., :64] for t in qkv(40))  # measured at head dim 128 only
+    attn(q, k, v)
     assert tiled == [] and len(calls) == 1
     calls.clear()
     attn_mod.Attention("fa4", fa4_tiles={})(*qkv(40))

@@ -137,7 +137,9 @@ def test_bench_fp8_with_the_drafter_on_the_tiny_cpu_profile(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     f = json.loads(out.read_text())["fp8"]
     d = f["drafter"]
-    assert f["quantized_blocks"] == 1 and d["blocks"] == 2  # tiny-target: 3 blocks, tiny drafter: 2 (first/last kept)
+    # tiny-target: 3 blocks, 1 quantized; the tiny drafter's 2 are its first and last, kept in bf16 by default, so
+    # its part checks the plumbing (the same quantize_part as the target's), not fp8 maths
+    assert f["quantized_blocks"] == 1 and d["blocks"] == 2 and d["quantized_blocks"] == 0
     assert [(x["mode"], x["accept_rate_set"]) for x in d["e2e"]] == [("target", None), ("sdvg", 0.8)]
     assert [(x["mode"], x["accept_rate_set"]) for x in f["e2e"]] == [("target", None), ("sdvg", 0.8)]
     assert len(d["accuracy"]["blocks"]) == 3 and d["components"]["drafter_block_ms"] > 0

@@ -71,6 +71,14 @@ def _import_fa4():
     return func, (fwd if {"tile_mn", "mma_pv_is_rs", "intra_wg_overlap"} <= set(params) else None)
 
 
+def _sm90(device) -> bool:
+    """Whether ``device`` (default: the current CUDA device) is a Hopper GPU, where ``FA4_TILES`` was measured."""
+    if not torch.cuda.is_available():
+        return False
+    d = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    return d.type == "cuda" and torch.cuda.get_device_capability(d)[0] == 9
+
+
 class Attention:
     """Softmax attention with one implementation chosen at construction (it never changes afterwards).
 
@@ -96,8 +104,9 @@ class Attention:
             except RuntimeError:
                 fa4 = None  # not installed: cuDNN
         self.name, self._fa4 = name, fa4
-        # head count -> FlashAttention-4 forward tiles (default ``FA4_TILES``; {} keeps its own choice)
-        self._fa4_tiles = (FA4_TILES if fa4_tiles is None else fa4_tiles) if fwd is not None else {}
+        # head count -> FlashAttention-4 forward tiles (default ``FA4_TILES``, measured on sm90 at head dim 128;
+        # {} keeps its own choice)
+        self._fa4_tiles = (FA4_TILES if fa4_tiles is None else fa4_tiles) if fwd is not None and _sm90(device) else {}
         self._fa4_fwd = fwd
         self._backends = list(_BACKENDS["auto" if name == "fa4" else name])
         self._backends_masked = self._backends + [b for b in _MASK_FALLBACK if b not in self._backends]
@@ -118,7 +127,7 @@ class Attention:
         """
         if self._fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
                 and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-            tiles = self._fa4_tiles.get(q.shape[1])
+            tiles = self._fa4_tiles.get(q.shape[1]) if q.shape[2] == 128 else None
             if tiles is not None:
                 return self._fa4_fwd(q[None], k[None], v[None], **tiles)[0][0]
             return self._fa4(q[None], k[None], v[None])[0][0]

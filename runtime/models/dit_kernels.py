@@ -40,8 +40,8 @@ AVAILABLE = triton is not None
 
 
 def residual_ln_warps(dim: int) -> int:
-    """Warps of a ``residual_ln`` program (one row of ``dim`` elements): about 1,000-1,300 elements a warp,
-    4 for the 14B's 5120 and 2 for the 1.3B's 1536, the fastest for both in ``tools/probes/ln_quant.py``."""
+    """Warps of a ``residual_ln`` program (one row of ``dim`` elements): one per 1,024-2,047 elements, at least
+    2: 4 for the 14B's 5120 and 2 for the 1.3B's 1536, the fastest for both in ``tools/probes/ln_quant.py``."""
     return max(2, min(16, 1 << max(0, (dim // 1024).bit_length() - 1)))
 
 

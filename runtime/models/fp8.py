@@ -145,7 +145,8 @@ if triton is not None:
     def _quant_kernel(x_ptr, y_ptr, rs_ptr, s_ptr, N, M, GELU: tl.constexpr, ROWSCALE: tl.constexpr,
                       BLOCK: tl.constexpr, EVEN: tl.constexpr):
         """``BLOCK`` consecutive elements of the flat ``[M, K]`` input (``N = M * K``; ``EVEN``: N is a
-        multiple of BLOCK, no mask, as at both DiTs' block shapes); with ``ROWSCALE`` the first programs
+        multiple of BLOCK, no mask, as for every fp8 kernel input of a 14B block; the 1.3B's FFN hidden,
+        4680 x 8960, takes the masked path); with ``ROWSCALE`` the first programs
         also write the ``[M, 1]`` rows of the scale that the rowwise GEMM takes."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         s = tl.load(s_ptr)

@@ -83,7 +83,7 @@ def main():
     saved = {}
     for model, (_, layers) in MODELS.items():
         def gain(label):
-            name, t, t0 = best.get((model, label), (None, 0.0, 0.0))
+            _, t, t0 = best.get((model, label), (None, 0.0, 0.0))
             return t0 - t
         n_blocks = max(blocks)
         if blocks != list(range(1, n_blocks + 1)):
