@@ -72,7 +72,8 @@ def _import_fa4():
 
 
 def _sm90(device) -> bool:
-    """Whether ``device`` (default: the current CUDA device) is a Hopper GPU, where ``FA4_TILES`` was measured."""
+    """Whether ``device`` (default: the current CUDA device) is a Hopper GPU: where ``auto`` takes
+    FlashAttention-4 and where ``FA4_TILES`` was measured."""
     if not torch.cuda.is_available():
         return False
     d = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -97,8 +98,7 @@ class Attention:
         fa4 = fwd = None
         if name == "fa4":
             fa4, fwd = _import_fa4()
-        elif name == "auto" and device is not None and torch.device(device).type == "cuda" \
-                and torch.cuda.get_device_capability(torch.device(device))[0] == 9:
+        elif name == "auto" and device is not None and _sm90(device):
             try:
                 fa4, fwd = _import_fa4()
             except RuntimeError:

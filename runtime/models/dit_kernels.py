@@ -39,6 +39,13 @@ except ImportError:  # pragma: no cover - the GPU image and the test extra have 
 AVAILABLE = triton is not None
 
 
+def two_chunks(n: int) -> tuple[int, int]:
+    """A row of ``n`` elements (or words) as two power-of-two chunks: ``A``, the largest power of two <= n
+    (read unmasked), and ``B``, masked to the rest (1, fully masked, when n is a power of two)."""
+    a = 1 << (n.bit_length() - 1)
+    return a, triton.next_power_of_2(max(1, n - a))
+
+
 def residual_ln_warps(dim: int) -> int:
     """Warps of a ``residual_ln`` program (one row of ``dim`` elements): one per 1,024-2,047 elements, at least
     2: 4 for the 14B's 5120 and 2 for the 1.3B's 1536, the fastest for both in ``tools/probes/ln_quant.py``."""
@@ -221,8 +228,7 @@ def qk_to_cache(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
     q_out = torch.empty(n, heads, dim // heads, dtype=q.dtype, device=q.device)
     k_out = kv_layer[0, write_start:write_start + n]
     words = dim // 2
-    a = 1 << (words.bit_length() - 1)  # the largest power of two <= words, then the rest
-    b = triton.next_power_of_2(max(1, words - a))
+    a, b = two_chunks(words)
     i32 = [t.view(torch.int32) for t in (q, k, wq, wk, q_out, k_out)]
     dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     with _on(q.device):
@@ -258,8 +264,7 @@ def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | No
     fp8 = out_scale is not None
     h = torch.empty_like(x, dtype=torch.float8_e4m3fn) if fp8 else torch.empty_like(x)
     rs = torch.empty(Fr * tpf, 1, dtype=torch.float32, device=x.device) if fp8 and rowwise else None
-    a = 1 << (dim.bit_length() - 1)  # the largest power of two <= dim, then the rest
-    b = triton.next_power_of_2(max(1, dim - a))
+    a, b = two_chunks(dim)
     with _on(x.device):
         _residual_ln_kernel[(Fr * tpf,)](
             x, y if y is not None else x, gate if gate is not None else x, weight if weight is not None else x,

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendUnavailableError, CheckpointError
+from . import dit_kernels
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -189,14 +190,12 @@ def quantize_kernel(x: torch.Tensor, scale: torch.Tensor, rowwise: bool, gelu: b
                     block: int = QUANT_BLOCK, num_warps: int = QUANT_WARPS) -> Fp8Act:
     """``quantize`` as one Triton pass over the flat tensor (on the tensors' device; on a CPU tensor under
     Triton's interpreter, as the tests run it)."""
-    from .dit_kernels import _on
-
     M = x.numel() // x.shape[-1]
     x2 = x.contiguous()
     y = torch.empty(x.shape, dtype=E4M3, device=x.device)
     rs = torch.empty(M, 1, dtype=torch.float32, device=x.device) if rowwise else scale
     n = x2.numel()
-    with _on(x.device):
+    with dit_kernels._on(x.device):
         _quant_kernel[(triton.cdiv(n, block),)](x2, y, rs, scale, n, M, GELU=gelu, ROWSCALE=rowwise, BLOCK=block,
                                                 EVEN=n % block == 0, num_warps=num_warps)
     return Fp8Act(y, rs)
@@ -207,12 +206,10 @@ def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops, *args):
     returns ``(x, Fp8Act)`` (``modulated_ln``: only the Fp8Act). CUDA with Triton: the ``residual_ln``
     kernel writes fp8 directly; elsewhere the model's group (``ops[name]``, its ``DiTKernels.ops``) in fp32
     maths, then quantized."""
-    from . import dit_kernels as K
-
     x = args[0]
     if _exporting():  # the graph carries the group in the model dtype and the Q/DQ pair at the GEMM
         return ops[name](*args)
-    if _fast(x) and K.AVAILABLE:
+    if _fast(x) and dit_kernels.AVAILABLE:
         eps = args[-1]
         if name == "modulated_ln":
             parts = (x, None, None, None, None, args[1], args[2])
@@ -222,7 +219,7 @@ def residual_ln(name: str, scale: torch.Tensor, rowwise: bool, ops, *args):
             parts = (x, args[1], None, None, None, args[2], args[3])
         else:  # gated_add_modulated_ln
             parts = (x, args[1], args[2], None, None, args[3], args[4])
-        xo, h, rs = K.residual_ln(*parts, eps, out_scale=scale, rowwise=rowwise)
+        xo, h, rs = dit_kernels.residual_ln(*parts, eps, out_scale=scale, rowwise=rowwise)
         act = Fp8Act(h, rs if rowwise else scale)
         return act if name == "modulated_ln" else (xo, act)
     # reference: the group in fp32 (as the kernel computes), the residual rounded to the model dtype

@@ -18,7 +18,7 @@ import json
 import torch
 
 from sdvg_rt.bench import _median_ms, bench_e2e, build_runtime
-from sdvg_rt.bench_fp8 import _reset_loop
+from sdvg_rt.bench_fp8 import _reset_loop, calibrate_in_memory
 from sdvg_rt.loop import PreparedPrompt
 from sdvg_rt.models import fp8
 
@@ -66,15 +66,11 @@ def e2e(label, runs=(("target", None), ("sdvg", 0.83))):
     save()
 
 
-def calibrate(kind, mode):
-    m = rt.models[kind]
-    fp8.quantize_dit(m, None, fp8.Fp8Config(0, 0, cross_kv=True))
+def calibrate(kind):
+    """``kind``'s amax over 2 blocks of its own mode (the benchmark's calibration), the loop dropped after."""
+    amax = calibrate_in_memory(rt, calib, 2, kind=kind)
     _reset_loop(rt)
-    rt.allocate()
-    for _ in rt.stream(calib, mode=mode, tau=0.0, seed=11, max_blocks=2):
-        pass
-    _reset_loop(rt)
-    return fp8.collect_amax(m)
+    return amax
 
 
 def swap(kind, model):
@@ -87,7 +83,7 @@ VARIANTS = {"channel k1/1": fp8.Fp8Config(1, 1, "channel"),  # the shipped defau
 comp("target", "bf16")
 comp("drafter", "bf16")
 e2e("bf16 / bf16", (("target", None), ("draft", None), ("sdvg", 1.0), ("sdvg", 0.83)))
-amax = {"target": calibrate("target", "target"), "drafter": calibrate("drafter", "draft")}
+amax = {"target": calibrate("target"), "drafter": calibrate("drafter")}
 calibrated = dict(rt.models)  # the calibrated bf16 models (observers): each variant quantizes a copy
 
 
