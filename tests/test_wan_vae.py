@@ -416,6 +416,28 @@ def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(not wan_vae.VAEKernels(triton=True).triton, reason="needs triton (test extra)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU decode: on a GPU machine the kernel takes CUDA "
+                    "tensors only (tests/test_vae_kernels.py runs it compiled there)")
+def test_triton_norms_decode_the_eager_frames(tiny32, monkeypatch):
+    """With the Triton norm kernel (``VAEKernels(triton=True)``, Triton's interpreter on CPU) every norm that
+    feeds a causal conv runs the kernel (14 residual blocks x 2 + the head, per block), the convs' inputs stay
+    channels-last-3d, and two streamed blocks equal the eager decode's frames (fp32: to rounding)."""
+    from sdvg_rt.models import vae_kernels
+
+    model, z = tiny32
+    cl = _with(model, VAEKernels(subpixel="2x2")).to_channels_last()
+    _, want = _conv_input_layouts(cl, z, monkeypatch)
+    calls = []
+    real = vae_kernels.norm_silu_into
+    monkeypatch.setattr(vae_kernels, "norm_silu_into", lambda *a: calls.append(1) or real(*a))
+    cl.set_kernels(VAEKernels(triton=True, subpixel="2x2"))
+    ok, got = _conv_input_layouts(cl, z, monkeypatch)
+    assert ok and len(calls) == 2 * (14 * 2 + 1)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_decode_rejects_a_state_of_another_size(tiny32):
     model, z = tiny32
     good, bad = model.new_state(H, W), model.new_state(H + 1, W)

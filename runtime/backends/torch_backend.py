@@ -166,4 +166,4 @@ def configure(prof, dev: torch.device, models: dict) -> None:
     for model in dits:
         model.fuse_qk().set_kernels(kernels)
     if "vae" in models:
-        models["vae"].set_kernels(VAEKernels(compile=perf.compile))
+        models["vae"].set_kernels(VAEKernels(compile=perf.compile, triton=perf.compile))

@@ -339,6 +339,26 @@ PAD_MODES = ("auto", "off", "on")
 PADDED_OUTPUTS = {96: 128}
 
 
+def _triton_ops(table: Mapping[str, Callable]) -> dict:
+    """The groups with a Triton kernel (``vae_kernels.norm_silu_into``), same signatures as ``_EAGER``; tensors
+    the kernel does not take (``vae_kernels.fits``) go to ``table``'s group."""
+    from . import vae_kernels as K
+
+    plain, biased = table["rms_norm_silu_into"], table["bias_rms_norm_silu_into"]
+
+    def rms_norm_silu_into(x, gamma, scale, out):
+        if not K.fits(x, out):
+            return plain(x, gamma, scale, out)
+        K.norm_silu_into(x, None, gamma, scale, out)
+
+    def bias_rms_norm_silu_into(x, bias, gamma, scale, out):
+        if not K.fits(x, out):
+            return biased(x, bias, gamma, scale, out)
+        K.norm_silu_into(x, bias, gamma, scale, out)
+
+    return {"rms_norm_silu_into": rms_norm_silu_into, "bias_rms_norm_silu_into": bias_rms_norm_silu_into}
+
+
 class VAEKernels:
     """How one VAE decoder computes, fixed at construction (``WanVAEDecoder.set_kernels``; the default,
     ``VAEKernels()``, is eager with both modes "auto"). Every choice computes the same function.
@@ -357,11 +377,14 @@ class VAEKernels:
       GPU, docs/PERFORMANCE.md), ``"off"`` elsewhere.
     - ``pad``: whether the residual blocks' convolutions with ``PADDED_OUTPUTS`` widths compute padded
       outputs (zero weights, sliced off): ``"auto"`` on CUDA tensors, ``"on"``, ``"off"``.
+    - ``triton``: the norm + SiLU groups that feed the causal convolutions (``*rms_norm_silu_into``) as the
+      Triton kernel of ``vae_kernels`` (where Triton is importable), for row-dense channels-last tensors on
+      a GPU (or under Triton's interpreter); other tensors take the eager or compiled group.
     - ``ops``: replacements for some groups (name -> a function with the eager group's signature), e.g.
-      a probe's variants; applied over the eager or compiled table.
+      a probe's variants; applied over the eager, compiled and Triton table.
     """
 
-    def __init__(self, *, compile: bool = False, subpixel: str = "auto", pad: str = "auto",
+    def __init__(self, *, compile: bool = False, triton: bool = False, subpixel: str = "auto", pad: str = "auto",
                  ops: Mapping[str, Callable] | None = None):
         if subpixel not in SUBPIXEL_MODES:
             raise ValueError(f"unknown sub-pixel upsample mode {subpixel!r}; choose one of {SUBPIXEL_MODES}")
@@ -376,8 +399,14 @@ class VAEKernels:
             logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
         table = {name: torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn
                  for name, fn in _EAGER.items()}
+        if triton:
+            from . import vae_kernels
+            triton = vae_kernels.AVAILABLE
+        if triton:
+            table.update(_triton_ops(table))
         table.update(ops or {})
-        self.compile, self.subpixel, self.pad, self.replaced = compile, subpixel, pad, frozenset(ops or ())
+        self.compile, self.triton, self.subpixel, self.pad = compile, triton, subpixel, pad
+        self.replaced = frozenset(ops or ())
         self.ops: Mapping[str, Callable] = MappingProxyType(table)
 
     @property
@@ -390,7 +419,8 @@ class VAEKernels:
 
     def __repr__(self) -> str:
         ops = f", ops={sorted(self.replaced)}" if self.replaced else ""
-        return f"VAEKernels(compile={self.compile}, subpixel={self.subpixel!r}, pad={self.pad!r}{ops})"
+        return (f"VAEKernels(compile={self.compile}, triton={self.triton}, subpixel={self.subpixel!r}, "
+                f"pad={self.pad!r}{ops})")
 
     def subpixel_mode(self, x: torch.Tensor) -> str:
         """The sub-pixel form for frames ``x`` ("auto" resolved by the tensor's device; host-side only)."""

@@ -40,15 +40,16 @@ def fast_dit_step(preset: str, block: int = 3):
     return m, step, probe
 
 
-def vae_block_decode():
-    """``decode()``: the full-size VAE (channels-last, compiled norms, cuDNN autotuning) decoding a random
-    3-latent block from a committed state, into the scratch state (what every draft costs). ``decode.vae``
-    is the model (``decode.vae.set_kernels(...)`` switches its kernels)."""
+def vae_block_decode(kernels=None):
+    """``decode()``: the full-size VAE (channels-last, cuDNN autotuning, ``kernels``: by default the runtime's,
+    Triton norms and the other groups compiled) decoding a random 3-latent block from a committed state, into
+    the scratch state (what every draft costs). ``decode.vae`` is the model (``decode.vae.set_kernels(...)``
+    switches its kernels)."""
     from sdvg_rt.backends.torch_backend import vae_decoder
     from sdvg_rt.models.wan_vae import VAEKernels
 
     torch.backends.cudnn.benchmark = True  # this probe process's setting (the runtime's steps: MathFlags)
-    vae = random_vae("wan2.1", "cuda", torch.bfloat16).set_kernels(VAEKernels(compile=True))
+    vae = random_vae("wan2.1", "cuda", torch.bfloat16).set_kernels(kernels or VAEKernels(compile=True, triton=True))
     stream = vae_decoder(vae, 60, 104, torch.bfloat16, "cuda")
     z = torch.randn(1, 16, FPB, 60, 104, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
