@@ -10,9 +10,10 @@ accumulates in fp32.
 Layout: channels-last 3D, where a position's channels are one row. The input may be a channel slice of a
 wider convolution output (the 96-wide convolutions computed with 128 outputs, ``wan_vae.PADDED_OUTPUTS``):
 rows are read with their own stride. A program holds ``R`` rows, each as two power-of-two chunks of channels
-(96 = 64 + 32, 192 = 128 + 64, 384 = 256 + 128: no padded lanes), about 4,096 elements a program. The
-compiled group it replaces read a 128-wide slice in a looped reduction (2 ms for 0.5 ms of traffic at
-the last stage, ``tools/probes/vae_convs.py``).
+(96 = 64 + 32, 192 = 128 + 64, 384 = 256 + 128: no padded lanes), about 4,096 elements a program. On the
+H200 (``tools/probes/vae_norms.py``, graph replays) it moves 3.0-3.7 TB/s at the decoder's shapes: 0.50 ms at
+the last stage (96 of 128 channels, 12 x 480 x 832) against 1.96 ms (2.44 with the bias) for the compiled
+groups, which read the padded slice in a looped reduction; the block decode 92.4 -> 87.2 ms.
 
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """

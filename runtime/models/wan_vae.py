@@ -41,7 +41,9 @@ concatenation copy); ``time_conv``'s bias is added by the kernel that interleave
 frames; a residual block's shortcut bias is folded into its last bias add. The spatial 2x (nearest, then
 3x3 conv) can run as a sub-pixel convolution (``VAEKernels.subpixel``; on by default for CUDA tensors):
 one convolution of the low-resolution frames with the folded taps of the 4 output phases, then one
-pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor. Which kernels a decoder runs is
+pixel-shuffle kernel that also adds the bias -- no 4x upsampled tensor. The norm + SiLU groups that feed
+the causal convolutions can run as a Triton kernel (``VAEKernels.triton``, ``vae_kernels``), which reads the
+padded convolutions' channel slices in place. Which kernels a decoder runs is
 its ``VAEKernels`` (``WanVAEDecoder.set_kernels``; default eager), fixed at construction.
 """
 from __future__ import annotations
