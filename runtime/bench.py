@@ -367,12 +367,15 @@ def same_outputs(a: dict, b: dict) -> dict:
             and all(x.shape == y.shape and (x == y).all() for x, y in zip(a["frames"], b["frames"]))}
 
 
-def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52)) -> dict:
-    """The DiT's Triton kernels at production shapes (one block of ``cfg``'s model, ``grid`` = frames and
-    patches per frame, bf16) against the eager groups that define them, both measured against an fp32
-    evaluation of the same groups: relative errors ``{group: [kernel, eager bf16]}`` (the kernel should be as
-    accurate as eager bf16). On CUDA, or on the CPU under Triton's interpreter (tests)."""
-    from .models import dit_kernels, wan_dit
+def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52),
+                 vae_grid: tuple[int, int, int] = (2, 240, 416)) -> dict:
+    """The Triton kernels at production shapes against the eager groups that define them, both measured
+    against an fp32 evaluation of the same groups: relative errors ``{group: [kernel, eager bf16]}`` (the
+    kernel should be as accurate as eager bf16). The DiT's at one block of ``cfg``'s model (``grid`` = frames
+    and patches per frame), the VAE's norm + SiLU with the bias at its last stage's width (96 channels of the
+    padded 128-wide convolution output, ``vae_grid`` = frames, height, width), bf16. On CUDA, or on the CPU
+    under Triton's interpreter (tests)."""
+    from .models import dit_kernels, vae_kernels, wan_dit, wan_vae
 
     if not dit_kernels.AVAILABLE or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         return {}
@@ -400,6 +403,15 @@ def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52)) -> dict:
         eager_q, eager_k = (wan_dit._norm_rope(t, w, eps, cos, sin, heads) for t, w in ((q, wq), (k, wk)))
         out["qk_to_cache q"] = [rel(fast, ref_q), rel(eager_q, ref_q)]
         out["qk_to_cache k"] = [rel(kv[0], ref_k), rel(eager_k, ref_k)]
+        vt, vh, vw = vae_grid
+        c, padded = 96, wan_vae.PADDED_OUTPUTS[96]
+        xv = (3 * torch.randn(1, padded, vt, vh, vw, generator=g, **bf)).contiguous(
+            memory_format=torch.channels_last_3d)[:, :c]
+        bias, gamma = torch.randn(c, generator=g, **bf), (1 + 0.1 * torch.randn(c, 1, 1, 1, generator=g, **bf))
+        ref = wan_vae._bias_rms_norm_silu(xv.float(), bias.float(), gamma.float(), c**0.5)
+        fast = torch.empty_like(xv, memory_format=torch.channels_last_3d)
+        vae_kernels.norm_silu_into(xv, bias, gamma, c**0.5, fast)
+        out["vae norm_silu"] = [rel(fast, ref), rel(wan_vae._bias_rms_norm_silu(xv, bias, gamma, c**0.5), ref)]
     return {"kernels_rel_err": out}
 
 

@@ -36,14 +36,14 @@ def test_kernel_check_reports_kernels_as_accurate_as_eager():
     if not dit_kernels.AVAILABLE:
         pytest.skip("needs triton (test extra)")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = kernel_check(PRESETS["tiny-target"], dev, grid=(2, 3, 4))["kernels_rel_err"]
-    assert set(out) == {"residual_ln", "qk_to_cache q", "qk_to_cache k"}
+    out = kernel_check(PRESETS["tiny-target"], dev, grid=(2, 3, 4), vae_grid=(2, 3, 5))["kernels_rel_err"]
+    assert set(out) == {"residual_ln", "qk_to_cache q", "qk_to_cache k", "vae norm_silu"}
     for kern, eager in out.values():
-        assert 0 < kern < 1e-2 and 0 < eager < 1e-2
+        assert 0 < eager < 1e-2
         # Triton's CPU interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), which
-        # doubles to triples the rounding error of the kernels that round intermediates; on the GPU the
-        # benchmark reports kernel and eager errors alike
-        assert kern < 4 * eager
+        # doubles to triples the rounding error of the kernels that round intermediates (the VAE's norm rounds
+        # four times); on the GPU the benchmark reports kernel and eager errors alike
+        assert 0 < kern < (1.5 if dev.type == "cuda" else 4) * eager
 
 
 def test_full_size_on_a_cpu_machine_is_refused_with_the_fit_table(monkeypatch, capsys):
