@@ -377,7 +377,7 @@ def kernel_check(cfg, device, grid: tuple[int, int, int] = (3, 30, 52),
     under Triton's interpreter (tests)."""
     from .models import dit_kernels, vae_kernels, wan_dit, wan_vae
 
-    if not dit_kernels.AVAILABLE or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+    if not dit_kernels.AVAILABLE or (device.type != "cuda" and not dit_kernels.INTERPRETED):
         return {}
     g = torch.Generator(device=device).manual_seed(1)
     bf = dict(device=device, dtype=torch.bfloat16)

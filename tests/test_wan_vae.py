@@ -417,16 +417,17 @@ def test_compiled_groups_keep_layout_and_equal_eager(tiny32, monkeypatch):
 
 
 @pytest.mark.skipif(not wan_vae.VAEKernels(triton=True).triton, reason="needs triton (test extra)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU decode: on a GPU machine the kernel takes CUDA "
-                    "tensors only (tests/test_vae_kernels.py runs it compiled there)")
 def test_triton_norms_decode_the_eager_frames(tiny32, monkeypatch):
-    """With the Triton norm kernel (``VAEKernels(triton=True)``, Triton's interpreter on CPU) every norm that
-    feeds a causal conv runs the kernel (14 residual blocks x 2 + the head, per block), the convs' inputs stay
-    channels-last-3d, and two streamed blocks equal the eager decode's frames (fp32: to rounding)."""
+    """With the Triton norm kernel (``VAEKernels(triton=True)``: compiled on a GPU, Triton's interpreter on CPU)
+    every norm that feeds a causal conv runs the kernel (14 residual blocks x 2 + the head, per block), the
+    convs' inputs stay channels-last-3d, and two streamed blocks equal the eager decode's frames (fp32: to
+    rounding)."""
     from sdvg_rt.models import vae_kernels
 
     model, z = tiny32
-    cl = _with(model, VAEKernels(subpixel="2x2")).to_channels_last()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cl = _with(model, VAEKernels(subpixel="2x2")).to_channels_last().to(dev)
+    z = z.to(dev)
     _, want = _conv_input_layouts(cl, z, monkeypatch)
     calls = []
     real = vae_kernels.norm_silu_into

@@ -177,6 +177,17 @@ if AVAILABLE:
         _ln_out(xb, rstd, w_ptr, b_ptr, sh, sc, h_out + base, qs, ob, mb, AFFINE, MODULATED, FP8, True)
 
 
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``triton.jit`` function) was defined under Triton's CPU interpreter (Triton reads
+    ``TRITON_INTERPRET`` when the decorator runs): then it takes CPU tensors, else CUDA tensors only."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+INTERPRETED = AVAILABLE and interpreted(_qk_kernel)
+
+
 def _on(device: torch.device):
     """Launch on the tensors' GPU (Triton launches on the current device), e.g. a runtime on cuda:1."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

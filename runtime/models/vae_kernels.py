@@ -10,7 +10,7 @@ accumulates in fp32.
 Layout: channels-last 3D, where a position's channels are one row. The input may be a channel slice of a
 wider convolution output (the 96-wide convolutions computed with 128 outputs, ``wan_vae.PADDED_OUTPUTS``):
 rows are read with their own stride. A program holds ``R`` rows, each as two power-of-two chunks of channels
-(96 = 64 + 32, 192 = 128 + 64, 384 = 256 + 128: no padded lanes), about 4,096 elements a program. On the
+(96 = 64 + 32, 192 = 128 + 64, 384 = 256 + 128: no padded lanes), 3,072 elements a program. On the
 H200 (``tools/probes/vae_norms.py``, graph replays) it moves 3.0-3.7 TB/s at the decoder's shapes: 0.50 ms at
 the last stage (96 of 128 channels, 12 x 480 x 832) against 1.96 ms (2.44 with the bias) for the compiled
 groups, which read the padded slice in a looped reduction; the block decode 92.4 -> 87.2 ms.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .dit_kernels import AVAILABLE, _on, two_chunks
+from .dit_kernels import AVAILABLE, _on, interpreted, two_chunks
 
 if AVAILABLE:
     import triton
@@ -55,8 +55,9 @@ if AVAILABLE:
     def _norm_silu_kernel(x_ptr, x_rs, b_ptr, g_ptr, out_ptr, out_rs, rows, scale, HAS_BIAS: tl.constexpr,
                           DT: tl.constexpr, C: tl.constexpr, A: tl.constexpr, B: tl.constexpr, R: tl.constexpr,
                           EVEN_R: tl.constexpr):
-        """``R`` rows of ``C`` channels, as chunks ``A`` (unmasked but for the last program's rows when
-        ``rows % R``) and ``B`` (masked to ``C - A``; unmasked too when ``A + B == C``)."""
+        """``R`` rows of ``C`` channels, as chunks ``A`` and ``B`` (``B`` masked to ``C - A`` when ``A + B != C``);
+        when ``rows % R`` (``EVEN_R`` false) every program masks its rows, the loads and stores of both
+        chunks."""
         r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         ca = tl.arange(0, A)
         cb = A + tl.arange(0, B)
@@ -78,9 +79,14 @@ if AVAILABLE:
         _chunk_out(xb, f, g_ptr, out_ptr, r[:, None] * out_rs, cb, mb, cmb, DT, MB, MB_C)
 
 
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-ROW_ELEMENTS = 4096  # elements a program holds: R = ROW_ELEMENTS // next_pow2(C) rows
-NUM_WARPS = 4
+INTERPRETED = AVAILABLE and interpreted(_norm_silu_kernel)  # then CPU tensors, else CUDA tensors only
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if AVAILABLE else {}
+
+
+def block_rows(c: int) -> int:
+    """Rows of ``c`` channels a program holds by default: 4096 lanes of chunks, i.e. 3,072 elements for the
+    decoder's widths (32 rows of 96, 16 of 192, 8 of 384)."""
+    return max(1, 4096 // triton.next_power_of_2(c))
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -101,36 +107,48 @@ def row_stride(t: torch.Tensor) -> int | None:
     return rs
 
 
-def fits(x: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether ``norm_silu_into`` takes these tensors (else the caller runs its group): both row-dense
-    channels-last of one float dtype, one shape, on a CUDA device (or any device under Triton's
-    interpreter, which the tests use)."""
-    import os
+def _problem(x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why ``norm_silu_into`` does not take these tensors, or None."""
+    if not AVAILABLE:
+        return "Triton is not installed"
+    if x.dtype != out.dtype or x.dtype not in _TL_DTYPES or tuple(x.shape) != tuple(out.shape):
+        return (f"x {tuple(x.shape)} {x.dtype} and out {tuple(out.shape)} {out.dtype} must be one float dtype "
+                "and shape")
+    if x.device != out.device or not (x.is_cuda or INTERPRETED):
+        return f"x and out must be on one CUDA device (found {x.device}, {out.device})"
+    if row_stride(x) is None or row_stride(out) is None:
+        return f"x {x.stride()} and out {out.stride()} must be channels-last rows (channels contiguous)"
+    c = x.shape[1]
+    for name, t in (("gamma", gamma), ("bias", bias)):
+        if t is not None and (t.numel() != c or not t.is_contiguous() or t.dtype != x.dtype or t.device != x.device):
+            return f"{name} must be {c} contiguous {x.dtype} values on {x.device}, found {tuple(t.shape)} {t.dtype}"
+    return None
 
-    return (AVAILABLE and x.dtype == out.dtype and x.dtype in _DTYPES and tuple(x.shape) == tuple(out.shape)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and row_stride(x) is not None and row_stride(out) is not None)
+
+def fits(x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``norm_silu_into`` takes these tensors (else the caller runs its group): ``x`` and ``out``
+    row-dense channels-last of one float dtype and shape, on a CUDA device (or any device under Triton's
+    interpreter, which the tests use), ``gamma`` (and ``bias``) ``C`` contiguous values of that dtype."""
+    return _problem(x, out, gamma, bias) is None
 
 
 def norm_silu_into(x: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, scale: float,
-                   out: torch.Tensor) -> None:
+                   out: torch.Tensor, rows_per_program: int | None = None, num_warps: int | None = None) -> None:
     """``out = SiLU(RMS_norm(x + bias))`` (``bias`` None: no bias) for ``x``/``out`` ``[b, C, t, h, w]``
-    row-dense channels-last (``fits``), ``gamma`` ``C`` values (``[C, 1, 1, 1]``), ``bias`` ``[C]``."""
+    row-dense channels-last (``fits``), ``gamma`` ``C`` values (``[C, 1, 1, 1]``), ``bias`` ``[C]``. ``out``
+    may be ``x`` itself, not a partial overlap. The launch: ``rows_per_program`` (default ``block_rows(C)``)
+    and ``num_warps`` (default 4), the fastest measured (``tools/probes/vae_norms.py``)."""
+    problem = _problem(x, out, gamma, bias)
+    if problem:
+        raise ValueError(f"norm_silu_into: {problem}")
     c = x.shape[1]
-    if not fits(x, out):
-        raise ValueError(f"norm_silu_into: x {tuple(x.shape)} {x.stride()} {x.dtype} and out {tuple(out.shape)} "
-                         f"{out.stride()} {out.dtype} must be one float dtype and shape, channels-last rows")
-    for name, t in (("gamma", gamma), ("bias", bias)):
-        if t is not None and (t.numel() != c or not t.is_contiguous() or t.dtype != x.dtype):
-            raise ValueError(f"norm_silu_into: {name} must be {c} contiguous {x.dtype} values, found "
-                             f"{tuple(t.shape)} {t.dtype}")
     rows = x.numel() // c
     if rows == 0:
         return
     a, b = two_chunks(c)
-    r = max(1, ROW_ELEMENTS // triton.next_power_of_2(c))
-    dt = getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[_DTYPES[x.dtype]])
+    r = rows_per_program or block_rows(c)
     with _on(x.device):
         _norm_silu_kernel[(triton.cdiv(rows, r),)](
             x, row_stride(x), bias if bias is not None else gamma, gamma, out, row_stride(out), rows, float(scale),
-            HAS_BIAS=bias is not None, DT=dt, C=c, A=a, B=b, R=r, EVEN_R=rows % r == 0, num_warps=NUM_WARPS)
+            HAS_BIAS=bias is not None, DT=_TL_DTYPES[x.dtype], C=c, A=a, B=b, R=r, EVEN_R=rows % r == 0,
+            num_warps=num_warps or 4)

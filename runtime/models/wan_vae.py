@@ -349,12 +349,12 @@ def _triton_ops(table: Mapping[str, Callable]) -> dict:
     plain, biased = table["rms_norm_silu_into"], table["bias_rms_norm_silu_into"]
 
     def rms_norm_silu_into(x, gamma, scale, out):
-        if not K.fits(x, out):
+        if not K.fits(x, out, gamma):
             return plain(x, gamma, scale, out)
         K.norm_silu_into(x, None, gamma, scale, out)
 
     def bias_rms_norm_silu_into(x, bias, gamma, scale, out):
-        if not K.fits(x, out):
+        if not K.fits(x, out, gamma, bias):
             return biased(x, bias, gamma, scale, out)
         K.norm_silu_into(x, bias, gamma, scale, out)
 

@@ -63,8 +63,8 @@ def vae_block_decode(kernels=None):
     return decode
 
 
-def graph_of(fn):
-    """A CUDA graph of ``fn()`` after two warm-up calls on a side stream."""
+def capture(fn):
+    """(a CUDA graph of ``fn()`` after two warm-up calls on a side stream, the output the graph writes)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -73,5 +73,39 @@ def graph_of(fn):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return g
+        out = fn()
+    return g, out
+
+
+def graph_of(fn):
+    """A CUDA graph of ``fn()`` after two warm-up calls on a side stream."""
+    return capture(fn)[0]
+
+
+def kernel_times(run, kind):
+    """The CUDA kernels of one profiled ``run()``: (ms by name, calls by name, ms by ``kind(name)``)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    by_name, counts, by_kind = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            t = e.device_time / 1e3
+            by_name[e.name] += t
+            counts[e.name] += 1
+            by_kind[kind(e.name)] += t
+    return by_name, counts, by_kind
+
+
+def print_kernel_times(by_name, counts, by_kind, top: int = 15, width: int = 140) -> None:
+    """``kernel_times``' result as a table: the total, each kind with its share, the ``top`` kernels."""
+    total = sum(by_kind.values())
+    print(f"kernels: {total:.2f} ms in all")
+    for k, t in by_kind.most_common():
+        print(f"  {k:16s} {t:7.2f} ms {100 * t / total:5.1f}%")
+    for n, t in by_name.most_common(top):
+        print(f"  {t:7.3f} ms x{counts[n]:3d} {n[:width]}")

@@ -122,7 +122,7 @@ def main() -> None:
 
     t0 = time.time()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    decode = vae_block_decode()  # compiled groups, block 0 decoded and committed
+    decode = vae_block_decode(wan_vae.VAEKernels(compile=True))  # compiled groups, block 0 decoded and committed
     print(f"setup {time.time() - t0:.1f} s", flush=True)
     fused = decode.vae.kernels  # the compiled groups
     ms, frames, peak = ab(decode, lambda fn: cuda_time(fn, iters=ITERS, warmup=WARMUP))

@@ -6,13 +6,10 @@ As the runtime runs it: fp32 weights, TF32 matmuls and convolutions, GPU preproc
 Prints the graph replay time, the preprocessing alone, the kernels of one profiled replay summed by name
 (top 20) and by kind, and the same forward with each SDPA backend that accepts fp32.
 """
-import collections
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
-from gpu_common import graph_of
+from gpu_common import graph_of, kernel_times, print_kernel_times
 from sdvg_rt.checkpoints.imagereward import synthetic_state_dict
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models.imagereward import ImageReward, ImageRewardConfig, preprocess
@@ -56,23 +53,7 @@ def main():
     gp = graph_of(prep)
     print(f"score (graph replay): {cuda_time(g.replay, iters=20) * 1e3:.2f} ms; "
           f"preprocess alone: {cuda_time(gp.replay, iters=20) * 1e3:.2f} ms")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        g.replay()
-        torch.cuda.synchronize()
-    by_name, by_kind, counts = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
-        t = e.device_time / 1e3
-        by_name[e.name] += t
-        counts[e.name] += 1
-        by_kind[kind(e.name)] += t
-    total = sum(by_kind.values())
-    print(f"kernels: {total:.2f} ms in all")
-    for k, t in by_kind.most_common():
-        print(f"  {k:12s} {t:6.2f} ms {100 * t / total:5.1f}%")
-    for n, t in by_name.most_common(20):
-        print(f"  {t:6.3f} ms x{counts[n]:3d} {n[:140]}")
+    print_kernel_times(*kernel_times(g.replay, kind), top=20)
     ref = score().clone()
     for be in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION):
         try:

@@ -2,8 +2,8 @@
 
     python3 tools/probes/vae_convs.py [--limit N] [--no-micro]   # after source tools/device_env.sh
 
-1. The block decode (3 latents -> 12 frames at 832x480, from a committed state, CUDA-graph replay) and the
-   kernels of one profiled replay summed by name (top 15) and by kind (convolution, the rest).
+1. The block decode (3 latents -> 12 frames at 832x480, from a committed state, CUDA-graph replay, the
+   runtime's kernels) and the kernels of one profiled replay summed by name (top 15) and by kind.
 2. Per distinct 3x3x3 shape of the decoder: cuDNN's channels-last ``conv3d`` as the decoder runs it, against
    - "fold": the three time taps folded into the input channels, a 2D convolution over ``[T, H, W, 3C]``
      (the folded input is built here by a copy, timed apart),
@@ -14,13 +14,11 @@
 0 tries all). Set in a fresh process: autotuning results are cached per shape.
 """
 import argparse
-import collections
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
-from gpu_common import graph_of, vae_block_decode
+from gpu_common import graph_of, kernel_times, print_kernel_times, vae_block_decode
 from sdvg_rt.floor import cuda_time
 
 # (Cin, Cout, T, H, W) of the decoder's 3x3x3 causal convolutions for one 3-latent block at 832x480 (T without
@@ -39,6 +37,8 @@ def kind(name: str) -> str:
     n = name.lower()
     if "conv" in n or "implicit" in n or "xmma" in n or "cudnn" in n or "fprop" in n or "dgrad" in n:
         return "convolution"
+    if name.startswith("_norm_silu"):
+        return "triton norm"
     if "gemm" in n or "nvjet" in n or "cutlass" in n:
         return "gemm"
     if "triton" in n:
@@ -51,24 +51,7 @@ def decode_profile():
     g = graph_of(decode)
     ms = [cuda_time(g.replay, iters=10) * 1e3 for _ in range(3)]
     print("VAE block decode (graph replay): " + ", ".join(f"{m:.1f}" for m in ms) + " ms")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        g.replay()
-        torch.cuda.synchronize()
-    by_name, by_kind = collections.Counter(), collections.Counter()
-    counts = collections.Counter()
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
-        t = e.device_time / 1e3
-        by_name[e.name] += t
-        counts[e.name] += 1
-        by_kind[kind(e.name)] += t
-    total = sum(by_kind.values())
-    print(f"kernels: {total:.1f} ms in all")
-    for k, t in by_kind.most_common():
-        print(f"  {k:16s} {t:7.2f} ms {100 * t / total:5.1f}%")
-    for n, t in by_name.most_common(15):
-        print(f"  {t:7.2f} ms x{counts[n]:3d} {n[:150]}")
+    print_kernel_times(*kernel_times(g.replay, kind), width=150)
     del g, decode
     torch.cuda.empty_cache()
 

@@ -10,13 +10,12 @@ compiled groups, alone and in the block decode.
    Triton norms (padded 96-wide convolutions, the default), and with the Triton norms without the padding:
    three interleaved rounds, the frames' max difference from the compiled decode, graph replay against eager,
    and the kernels of one profiled replay of the default by kind and the top 12 by name.
+3. The kernel's launch (rows per program x warps) at the decoder's shapes.
 """
-import collections
-
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from gpu_common import graph_of, vae_block_decode
+from gpu_common import capture, graph_of, kernel_times, print_kernel_times, vae_block_decode
+from vae_convs import kind
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import vae_kernels, wan_vae
 
@@ -61,15 +60,27 @@ def groups():
         torch.cuda.empty_cache()
 
 
-def kind(name: str) -> str:
-    n = name.lower()
-    if "xmma" in n or "conv" in n or "cudnn" in n:
-        return "convolution"
-    if name.startswith("_norm_silu"):
-        return "triton norm"
-    if "triton" in n:
-        return "compiled groups"
-    return "other"
+def launches():
+    """The kernel's launch at the decoder's shapes (with the bias): rows per program (half, once and twice
+    ``vae_kernels.block_rows``) x warps, against the default (``block_rows``, 4 warps)."""
+    for c, width, t, h, w in SHAPES[:1] + SHAPES[2:]:
+        x = torch.randn(1, width, t, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=CL)[:, :c]
+        out = torch.empty(1, c, t, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=CL)
+        gamma = torch.ones(c, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
+        bias = torch.zeros(c, device="cuda", dtype=torch.bfloat16)
+        r0 = vae_kernels.block_rows(c)
+        res = {}
+        for r in (r0 // 2, r0, 2 * r0):
+            for nw in (2, 4, 8):
+                g = graph_of(lambda: vae_kernels.norm_silu_into(x, bias, gamma, 1.0, out, r, nw))
+                res[r, nw] = cuda_time(g.replay, iters=20) * 1e3
+                del g
+        best = min(res, key=res.get)
+        print(f"launch, C {c} (stride {width}): default ({r0} rows, 4 warps) {res[r0, 4]:.3f} ms; fastest "
+              f"({best[0]} rows, {best[1]} warps) {res[best]:.3f} ms; all: "
+              + ", ".join(f"{k[0]}x{k[1]} {v:.3f}" for k, v in res.items()))
+        del x, out
+        torch.cuda.empty_cache()
 
 
 def decodes():
@@ -93,34 +104,8 @@ def decodes():
     for m, ts in times.items():
         d = (frames[m].float() - frames["compiled"].float()).abs().max().item()
         print(f"VAE block decode, {m:14s}: " + ", ".join(f"{t:.1f}" for t in ts) + f" ms; frames max |d| {d:.4f}")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graphs["triton"].replay()
-        torch.cuda.synchronize()
-    by_name, by_kind, counts = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            by_name[e.name] += e.device_time / 1e3
-            by_kind[kind(e.name)] += e.device_time / 1e3
-            counts[e.name] += 1
-    print(f"kernels (triton): {sum(by_kind.values()):.1f} ms")
-    for k, t in by_kind.most_common():
-        print(f"  {k:16s} {t:7.2f} ms")
-    for n, t in by_name.most_common(12):
-        print(f"  {t:7.2f} ms x{counts[n]:3d} {n[:120]}")
-
-
-def capture(fn):
-    """(a CUDA graph of ``fn()`` after two warm-up calls on a side stream, the output it writes)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
+    print("triton (the default):")
+    print_kernel_times(*kernel_times(graphs["triton"].replay, kind), top=12, width=120)
 
 
 def main():
@@ -128,6 +113,7 @@ def main():
     assert vae_kernels.AVAILABLE
     groups()
     decodes()
+    launches()
 
 
 if __name__ == "__main__":
