@@ -82,6 +82,33 @@ def graph_of(fn):
     return capture(fn)[0]
 
 
+def graph_variants(decode, variants: dict):
+    """For each ``label: VAEKernels`` of ``variants``: ``decode`` (``vae_block_decode``) with those kernels run
+    eagerly, then captured; prints whether the graph's replay equals the eager frames. Returns (graphs, eager
+    frames), both by label."""
+    graphs, frames = {}, {}
+    for label, kernels in variants.items():
+        decode.vae.set_kernels(kernels)
+        frames[label] = decode().clone()
+        graphs[label], out = capture(decode)
+        out.zero_()
+        graphs[label].replay()
+        torch.cuda.synchronize()
+        print(f"{label}: graph replay equals eager: {torch.equal(out, frames[label])}")
+    return graphs, frames
+
+
+def interleaved_ms(graphs: dict, rounds: int = 3, iters: int = 10) -> dict:
+    """Replay times (ms, the median of ``iters``) of each graph, ``rounds`` rounds interleaved: {label: [ms]}."""
+    from sdvg_rt.floor import cuda_time
+
+    times = {label: [] for label in graphs}
+    for _ in range(rounds):
+        for label, g in graphs.items():
+            times[label].append(cuda_time(g.replay, iters=iters) * 1e3)
+    return times
+
+
 def kernel_times(run, kind):
     """The CUDA kernels of one profiled ``run()``: (ms by name, calls by name, ms by ``kind(name)``)."""
     import collections

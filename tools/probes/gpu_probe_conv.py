@@ -10,7 +10,7 @@ interleaved rounds, the frames' max difference, and the graph-vs-eager check. Ru
 """
 import torch
 import torch.nn.functional as F
-from gpu_common import vae_block_decode
+from gpu_common import graph_variants, interleaved_ms, vae_block_decode
 
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import wan_vae
@@ -33,27 +33,9 @@ def conv_widths():
 
 def decode_ab():
     decode = vae_block_decode()
-    graphs, frames = {}, {}
-    for mode in ("off", "on"):
-        decode.vae.set_kernels(wan_vae.VAEKernels(compile=True, pad=mode))
-        eager = decode().clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            decode()
-        torch.cuda.current_stream().wait_stream(s)
-        graphs[mode] = g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = decode()
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        frames[mode] = eager
-        print(f"padding {mode}: graph replay equals eager: {torch.equal(out, eager)}")
-    times = {m: [] for m in graphs}
-    for _ in range(3):
-        for m, g in graphs.items():
-            times[m].append(cuda_time(g.replay, iters=10) * 1e3)
+    graphs, frames = graph_variants(decode, {mode: wan_vae.VAEKernels(compile=True, triton=True, pad=mode)
+                                             for mode in ("off", "on")})
+    times = interleaved_ms(graphs)
     for m, ts in times.items():
         print(f"VAE block decode, padding {m}: " + ", ".join(f"{t:.1f}" for t in ts) + " ms")
     d = (frames["on"].float() - frames["off"].float()).abs().max().item()

@@ -14,7 +14,7 @@ compiled groups, alone and in the block decode.
 """
 import torch
 
-from gpu_common import capture, graph_of, kernel_times, print_kernel_times, vae_block_decode
+from gpu_common import graph_of, graph_variants, interleaved_ms, kernel_times, print_kernel_times, vae_block_decode
 from vae_convs import kind
 from sdvg_rt.floor import cuda_time
 from sdvg_rt.models import vae_kernels, wan_vae
@@ -87,20 +87,8 @@ def decodes():
     variants = {"compiled": wan_vae.VAEKernels(compile=True), "triton": wan_vae.VAEKernels(compile=True, triton=True),
                 "triton, no pad": wan_vae.VAEKernels(compile=True, triton=True, pad="off")}
     decode = vae_block_decode(variants["compiled"])
-    graphs, frames = {}, {}
-    for label, k in variants.items():
-        decode.vae.set_kernels(k)
-        eager = decode().clone()
-        graphs[label], out = capture(decode)
-        out.zero_()
-        graphs[label].replay()
-        torch.cuda.synchronize()
-        frames[label] = eager
-        print(f"{label}: graph replay equals eager: {torch.equal(out, eager)}")
-    times = {m: [] for m in graphs}
-    for _ in range(3):
-        for m, g in graphs.items():
-            times[m].append(cuda_time(g.replay, iters=10) * 1e3)
+    graphs, frames = graph_variants(decode, variants)
+    times = interleaved_ms(graphs)
     for m, ts in times.items():
         d = (frames[m].float() - frames["compiled"].float()).abs().max().item()
         print(f"VAE block decode, {m:14s}: " + ", ".join(f"{t:.1f}" for t in ts) + f" ms; frames max |d| {d:.4f}")
