@@ -13,7 +13,8 @@ rows are read with their own stride. A program holds ``R`` rows, each as two pow
 (96 = 64 + 32, 192 = 128 + 64, 384 = 256 + 128: no padded lanes), 3,072 elements a program. On the
 H200 (``tools/probes/vae_norms.py``, graph replays) it moves 3.0-3.7 TB/s at the decoder's shapes: 0.50 ms at
 the last stage (96 of 128 channels, 12 x 480 x 832) against 1.96 ms (2.44 with the bias) for the compiled
-groups, which read the padded slice in a looped reduction; the block decode 92.4 -> 87.2 ms.
+groups, which read the padded slice in a looped reduction; the block decode 92.4 -> 87.2 ms (88.5 in a second
+run).
 
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
@@ -89,6 +90,12 @@ def block_rows(c: int) -> int:
     return max(1, 4096 // triton.next_power_of_2(c))
 
 
+def norm_warps(c: int) -> int:
+    """Warps of a program by default: 4 up to 128 channels, 2 above (on the H200, ``tools/probes/vae_norms.py``:
+    96 channels 0.474 ms at 4 warps, 0.479 at 2; 192: 0.254 at 2, 0.292 at 4; 384: 0.071 at 2, 0.077 at 4)."""
+    return 4 if c <= 128 else 2
+
+
 def row_stride(t: torch.Tensor) -> int | None:
     """The row stride of a ``[b, c, t, h, w]`` tensor whose positions are rows of contiguous channels laid
     out densely in (b, t, h, w) order (channels-last 3D, or a channel slice of it); None otherwise."""
@@ -137,7 +144,7 @@ def norm_silu_into(x: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tens
     """``out = SiLU(RMS_norm(x + bias))`` (``bias`` None: no bias) for ``x``/``out`` ``[b, C, t, h, w]``
     row-dense channels-last (``fits``), ``gamma`` ``C`` values (``[C, 1, 1, 1]``), ``bias`` ``[C]``. ``out``
     may be ``x`` itself, not a partial overlap. The launch: ``rows_per_program`` (default ``block_rows(C)``)
-    and ``num_warps`` (default 4), the fastest measured (``tools/probes/vae_norms.py``)."""
+    and ``num_warps`` (default ``norm_warps(C)``), the fastest measured (``tools/probes/vae_norms.py``)."""
     problem = _problem(x, out, gamma, bias)
     if problem:
         raise ValueError(f"norm_silu_into: {problem}")
@@ -151,4 +158,4 @@ def norm_silu_into(x: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tens
         _norm_silu_kernel[(triton.cdiv(rows, r),)](
             x, row_stride(x), bias if bias is not None else gamma, gamma, out, row_stride(out), rows, float(scale),
             HAS_BIAS=bias is not None, DT=_TL_DTYPES[x.dtype], C=c, A=a, B=b, R=r, EVEN_R=rows % r == 0,
-            num_warps=num_warps or 4)
+            num_warps=num_warps or norm_warps(c))

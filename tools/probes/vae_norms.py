@@ -62,7 +62,7 @@ def groups():
 
 def launches():
     """The kernel's launch at the decoder's shapes (with the bias): rows per program (half, once and twice
-    ``vae_kernels.block_rows``) x warps, against the default (``block_rows``, 4 warps)."""
+    ``vae_kernels.block_rows``) x warps, against the default (``block_rows``, ``norm_warps``)."""
     for c, width, t, h, w in SHAPES[:1] + SHAPES[2:]:
         x = torch.randn(1, width, t, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=CL)[:, :c]
         out = torch.empty(1, c, t, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=CL)
@@ -76,7 +76,8 @@ def launches():
                 res[r, nw] = cuda_time(g.replay, iters=20) * 1e3
                 del g
         best = min(res, key=res.get)
-        print(f"launch, C {c} (stride {width}): default ({r0} rows, 4 warps) {res[r0, 4]:.3f} ms; fastest "
+        w0 = vae_kernels.norm_warps(c)
+        print(f"launch, C {c} (stride {width}): default ({r0} rows, {w0} warps) {res[r0, w0]:.3f} ms; fastest "
               f"({best[0]} rows, {best[1]} warps) {res[best]:.3f} ms; all: "
               + ", ".join(f"{k[0]}x{k[1]} {v:.3f}" for k, v in res.items()))
         del x, out
