@@ -149,8 +149,8 @@ def configure(prof, dev: torch.device, models: dict) -> None:
     constructed and held by each model: the attention implementation (every device), and on CUDA one q/k
     GEMM per layer (v's GEMM writes the cache) and the elementwise groups of the DiTs (Triton kernels, the
     rest compiled) and of the VAE (the norms that feed its convolutions as a Triton kernel, the rest compiled;
-    sub-pixel upsampling and padded convolutions "auto": on for CUDA tensors) as single kernels. On CPU the models keep their eager kernels. (TF32 and cuDNN
-    autotuning are the steps' ``MathFlags``.)"""
+    sub-pixel upsampling and padded convolutions "auto": on for CUDA tensors) as single kernels. On CPU the
+    models keep their eager kernels. (TF32 and cuDNN autotuning are the steps' ``MathFlags``.)"""
     from ..models.attention import Attention
     from ..models.wan_dit import DiTKernels
     from ..models.wan_vae import VAEKernels

@@ -177,15 +177,14 @@ if AVAILABLE:
         _ln_out(xb, rstd, w_ptr, b_ptr, sh, sc, h_out + base, qs, ob, mb, AFFINE, MODULATED, FP8, True)
 
 
-def interpreted(kernel) -> bool:
-    """Whether ``kernel`` (a ``triton.jit`` function) was defined under Triton's CPU interpreter (Triton reads
-    ``TRITON_INTERPRET`` when the decorator runs): then it takes CPU tensors, else CUDA tensors only."""
+# Whether the kernels were defined under Triton's CPU interpreter (Triton reads TRITON_INTERPRET when a
+# ``triton.jit`` decorator runs): then they take CPU tensors, else CUDA tensors only (also ``vae_kernels``')
+if AVAILABLE:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(kernel, InterpretedFunction)
-
-
-INTERPRETED = AVAILABLE and interpreted(_qk_kernel)
+    INTERPRETED = isinstance(_qk_kernel, InterpretedFunction)
+else:
+    INTERPRETED = False
 
 
 def _on(device: torch.device):

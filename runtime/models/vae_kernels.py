@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .dit_kernels import AVAILABLE, _on, interpreted, two_chunks
+from .dit_kernels import AVAILABLE, INTERPRETED, _on, two_chunks
 
 if AVAILABLE:
     import triton
@@ -80,7 +80,6 @@ if AVAILABLE:
         _chunk_out(xb, f, g_ptr, out_ptr, r[:, None] * out_rs, cb, mb, cmb, DT, MB, MB_C)
 
 
-INTERPRETED = AVAILABLE and interpreted(_norm_silu_kernel)  # then CPU tensors, else CUDA tensors only
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if AVAILABLE else {}
 
 
