@@ -8,6 +8,8 @@ import torch
 from sdvg_rt.models import attention as attn_mod
 from sdvg_rt.profiles import ATTENTION_BACKENDS
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton merge kernel: compiled, or interpreted on CPU
+
 
 def _fake_fa4(monkeypatch, calls: list, tiled: list | None = None):
     """A stand-in ``flash_attn.cute.interface`` whose ``flash_attn_func`` records its calls; with ``tiled``,
@@ -173,3 +175,91 @@ def test_fa4_tiles_of_the_14b_give_flash_attn_funcs_output_bit_for_bit():
     for lk in (2 * lq, 512):
         k, v = kv[0, :lk], kv[1, :lk]
         assert torch.equal(a(q, k, v), func(q[None], k[None], v[None])[0][0]), lk
+
+
+def _range_attention(q, k, v):
+    """Reference attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in fp32: (out in q's dtype, lse [B, H, Lq])."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / q.shape[-1] ** 0.5
+    out = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float())
+    return out.to(q.dtype).contiguous(), torch.logsumexp(s, -1).contiguous()
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_combine_splits_merges_key_ranges_into_attention_over_all_keys(splits):
+    """Each range's normalised output and log-sum-exp, merged, give the attention over all keys (fp32), with
+    a row count that leaves the last program part-full."""
+    from sdvg_rt.models.dit_kernels import combine_splits
+
+    g = torch.Generator().manual_seed(splits)
+    lq, h, d, n = 37, 3, 32, 24
+    q = torch.randn(lq, h, d, generator=g).to(DEV)
+    k, v = (torch.randn(splits * n, h, d, generator=g).to(DEV) * 2 for _ in range(2))
+    o, lse = _range_attention(q[None].expand(splits, lq, h, d), k.view(splits, n, h, d), v.view(splits, n, h, d))
+    out = combine_splits(o, lse, rows_per_program=16)
+    ref = _range_attention(q[None], k[None], v[None])[0][0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        combine_splits(o, lse.double())
+
+
+def test_split_keys_runs_one_call_over_views_of_the_cache():
+    """``split_keys`` passes the queries as a stride-0 batch and each key range as a view of the cache layer
+    (no copy), one forward call with the tiles given, and matches attention over all keys."""
+    g = torch.Generator().manual_seed(4)
+    lq, h, d, lk = 20, 2, 16, 48
+    kv = torch.randn(2, lk + 16, h, d, generator=g).to(DEV)
+    q = torch.randn(lq, h, d, generator=g).to(DEV)
+    k, v = kv[0, :lk], kv[1, :lk]
+    seen = []
+
+    def fwd(q2, k2, v2, return_lse=False, **kw):
+        seen.append((q2.stride(0), k2.data_ptr() == k.data_ptr(), v2.data_ptr() == v.data_ptr(),
+                     k2[1].data_ptr() == k[lk // 2:].data_ptr(), return_lse, kw))
+        return _range_attention(q2, k2, v2)
+
+    out = attn_mod.split_keys(fwd, q, k, v, 2, tile_mn=(192, 128))
+    assert seen == [(0, True, True, True, True, {"tile_mn": (192, 128)})]
+    torch.testing.assert_close(out, _range_attention(q[None], k[None], v[None])[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_fa4_key_splits_by_head_count_and_key_count(monkeypatch):
+    """A head count in ``fa4_key_splits`` splits the keys when they divide into ranges of at least
+    ``MIN_SPLIT_KEYS``; other head counts, short or indivisible key sets (the text keys) take one call."""
+    calls, tiled = [], []
+    _fake_fa4(monkeypatch, calls, tiled)
+    monkeypatch.setattr(attn_mod, "_sm90", lambda device: True)
+    split = []
+    monkeypatch.setattr(attn_mod, "split_keys", lambda fwd, q, k, v, s, **kw: split.append((q.shape[1], k.shape[0], s, kw))
+                        or torch.zeros_like(q))
+    g = torch.Generator().manual_seed(2)
+    lmin = attn_mod.MIN_SPLIT_KEYS
+
+    def qkv(heads, lk):
+        return (torch.randn(L, heads, 128, generator=g).bfloat16().as_subclass(_OnCuda) for L in (4, lk, lk))
+    attn = attn_mod.Attention("fa4", fa4_key_splits={12: 2, 40: 2})
+    attn(*qkv(12, 2 * lmin))
+    attn(*qkv(40, 2 * lmin))
+    assert split == [(12, 2 * lmin, 2, {}), (40, 2 * lmin, 2, attn_mod.FA4_TILES[40])]
+    split.clear()
+    attn(*qkv(12, 2 * lmin - 2))  # ranges under the minimum
+    attn(*qkv(12, 2 * lmin + 1))  # not divisible
+    attn(*qkv(20, 2 * lmin))  # no entry
+    assert split == [] and len(calls) == 3
+    assert attn_mod.Attention("fa4", fa4_key_splits={})._fa4_splits == {}
+
+
+@pytest.mark.skipif(not _HAS_FA4, reason="needs a Hopper GPU and flash-attn-4 (pip install 'sdvg-rt[fa4]')")
+def test_fa4_split_keys_match_fp32_as_closely_as_one_call():
+    """On the GPU, FlashAttention-4 over two key ranges merged is within 1.3x of one call's error to fp32, at
+    the 1.3B's heads over cache slices."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, lq, lk = 12, 128, 4680, 9360
+    kv = torch.randn(2, lk + lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(lq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = kv[0, :lk], kv[1, :lk]
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(0, 1)[None] for t in (q, k, v)))
+    ref = ref[0].transpose(0, 1)
+    one = attn_mod.Attention("fa4", fa4_key_splits={})(q, k, v)
+    two = attn_mod.Attention("fa4", fa4_key_splits={12: 2})(q, k, v)
+    e1, e2 = (((o.float() - ref).norm() / ref.norm()).item() for o in (one, two))
+    assert e2 < 1.3 * e1, (e1, e2)

@@ -44,6 +44,16 @@ _MASK_FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # bit-identical outputs (the keys are reduced in the same 128-wide tiles), about 62 ms per target-mode video;
 # the 1.3B's 12 heads gain nothing consistent (tools/probes/fa4_tiles.py, H200; docs/PERFORMANCE.md).
 FA4_TILES = {40: {"tile_mn": (192, 128), "mma_pv_is_rs": True, "intra_wg_overlap": False}}
+# FlashAttention-4's Hopper forward runs one 128-query tile per SM and head, so the 1.3B's 12 heads over a block's
+# 4680 queries are 444 tiles: 3.4 waves on 132 SMs, the last one a third full. Splitting the keys into ranges
+# computed as a batch of the same queries (``split_keys``) makes 888 half-length tiles (6.7 waves), merged by one
+# small kernel. By head count, the number of key ranges (each at least ``MIN_SPLIT_KEYS`` keys). Measured as graph
+# replays on the H200 (tools/probes/fa4_splits.py): for 12 heads two ranges are 1.065x over 2 and 4 cache blocks,
+# 1.031x over 7, 0.989x over 1 (hence the minimum); three or four ranges, and any split of the 14B's 40 heads
+# (already 7.6 waves of 192-query tiles), are slower. The merge of two bf16 outputs raises the error to fp32 from
+# 2.3e-3 to 2.8e-3.
+FA4_KEY_SPLITS = {12: 2}
+MIN_SPLIT_KEYS = 4096
 
 
 def load_fa4():
@@ -89,7 +99,7 @@ class Attention:
     ``fa4_tiles``: FlashAttention-4's tiles per head count (default ``FA4_TILES``)."""
 
     def __init__(self, name: str = "auto", device: torch.device | str | None = None,
-                 fa4_tiles: dict[int, dict] | None = None):
+                 fa4_tiles: dict[int, dict] | None = None, fa4_key_splits: dict[int, int] | None = None):
         if name not in NAMES:
             raise ValueError(
                 f"unknown attention backend {name!r}; choose one of {list(NAMES)} "
@@ -108,6 +118,9 @@ class Attention:
         # {} keeps its own choice)
         self._fa4_tiles = (FA4_TILES if fa4_tiles is None else fa4_tiles) if fwd is not None and _sm90(device) else {}
         self._fa4_fwd = fwd
+        # head count -> key ranges of a FlashAttention-4 call (default ``FA4_KEY_SPLITS``; {} none)
+        self._fa4_splits = ((FA4_KEY_SPLITS if fa4_key_splits is None else fa4_key_splits)
+                            if fwd is not None and _sm90(device) else {})
         self._backends = list(_BACKENDS["auto" if name == "fa4" else name])
         self._backends_masked = self._backends + [b for b in _MASK_FALLBACK if b not in self._backends]
 
@@ -128,6 +141,9 @@ class Attention:
         if self._fa4 is not None and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
                 and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             tiles = self._fa4_tiles.get(q.shape[1]) if q.shape[2] == 128 else None
+            splits = self._fa4_splits.get(q.shape[1], 1) if q.shape[2] == 128 else 1
+            if splits > 1 and k.shape[0] % splits == 0 and k.shape[0] // splits >= MIN_SPLIT_KEYS:
+                return split_keys(self._fa4_fwd, q, k, v, splits, **(tiles or {}))
             if tiles is not None:
                 return self._fa4_fwd(q[None], k[None], v[None], **tiles)[0][0]
             return self._fa4(q[None], k[None], v[None])[0][0]
@@ -137,3 +153,18 @@ class Attention:
         with sdpa_kernel(self._backends if mask is None else self._backends_masked, set_priority=True):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return out.squeeze(0).transpose(0, 1)
+
+
+def split_keys(fwd, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int, **kw) -> torch.Tensor:
+    """Attention of q ``[Lq, H, D]`` over k/v ``[Lk, H, D]`` as one FlashAttention-4 call over ``splits`` equal
+    key ranges: the queries broadcast over a batch of ranges (a stride-0 view), each range a view of k/v (no
+    copy for token-major k/v such as a cache slice), every range's output and log-sum-exp from ``fwd``
+    (``_flash_attn_fwd``), merged in fp32 by ``dit_kernels.combine_splits``. ``kw``: the call's tiles."""
+    from .dit_kernels import combine_splits
+
+    lq, h, d = q.shape
+    n = k.shape[0] // splits
+    ranges = [(t if t.stride() == (h * d, d, 1) else t.contiguous()).as_strided((splits, n, h, d), (n * h * d, h * d, d, 1))
+              for t in (k, v)]
+    o, lse = fwd(q[None].expand(splits, lq, h, d), *ranges, return_lse=True, **kw)[:2]
+    return combine_splits(o, lse)

@@ -177,6 +177,27 @@ if AVAILABLE:
         _ln_out(xb, rstd, w_ptr, b_ptr, sh, sc, h_out + base, qs, ob, mb, AFFINE, MODULATED, FP8, True)
 
 
+    @triton.jit
+    def _combine_splits_kernel(o_ptr, lse_ptr, out_ptr, rows, heads, lq, o_split, lse_split,
+                               S: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+        """``R`` rows (query, head) of the attention over ``S`` key ranges merged: ``o [S, lq, heads, D]`` (each
+        range's normalised output), ``lse [S, heads, lq]`` (fp32, natural log) -> ``out [lq, heads, D]``."""
+        r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        mr = r < rows
+        lse_off = (r % heads) * lq + r // heads
+        m = tl.full((R,), float("-inf"), tl.float32)
+        for s in tl.static_range(S):
+            m = tl.maximum(m, tl.load(lse_ptr + s * lse_split + lse_off, mask=mr, other=0.0))
+        cols = tl.arange(0, D)[None, :]
+        acc = tl.zeros((R, D), tl.float32)
+        den = tl.zeros((R,), tl.float32)
+        for s in tl.static_range(S):
+            w = tl.exp(tl.load(lse_ptr + s * lse_split + lse_off, mask=mr, other=0.0) - m)
+            o = tl.load(o_ptr + s * o_split + r[:, None] * D + cols, mask=mr[:, None], other=0.0)
+            acc += w[:, None] * o.to(tl.float32)
+            den += w
+        tl.store(out_ptr + r[:, None] * D + cols, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=mr[:, None])
+
 # Whether the kernels were defined under Triton's CPU interpreter (Triton reads TRITON_INTERPRET when a
 # ``triton.jit`` decorator runs): then they take CPU tensors, else CUDA tensors only (also ``vae_kernels``')
 if AVAILABLE:
@@ -284,3 +305,24 @@ def residual_ln(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | No
             MODULATED=scale is not None, DIM=dim, A=a, B=b, FP8=fp8, ROWSCALE=rs is not None,
             num_warps=num_warps or residual_ln_warps(dim))
     return (x_out, h, rs) if fp8 else (x_out, h)
+
+
+def combine_splits(o: torch.Tensor, lse: torch.Tensor, rows_per_program: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """Softmax attention over ``S`` disjoint key ranges merged into the attention over all of them:
+    ``o [S, Lq, H, D]`` (each range's output, normalised over its own keys) and ``lse [S, H, Lq]`` (fp32,
+    the natural log of each range's softmax denominator, scaled scores) -> ``[Lq, H, D]`` in ``o``'s dtype:
+    ``sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s)``, in fp32 (``attention``'s split-key
+    FlashAttention-4 call). ``D`` a power of two."""
+    S, lq, heads, d = o.shape
+    if tuple(lse.shape) != (S, heads, lq) or lse.dtype != torch.float32 or not (o.is_contiguous() and lse.is_contiguous()):
+        raise ValueError(f"combine_splits: o must be a contiguous [S, Lq, H, D] and lse a contiguous fp32 [S, H, Lq]; "
+                         f"found {tuple(o.shape)} {o.stride()} and {tuple(lse.shape)} {lse.dtype} {lse.stride()}")
+    if d & (d - 1):
+        raise ValueError(f"combine_splits: head dim {d} is not a power of two")
+    out = torch.empty(lq, heads, d, dtype=o.dtype, device=o.device)
+    rows = lq * heads
+    with _on(o.device):
+        _combine_splits_kernel[(triton.cdiv(rows, rows_per_program),)](
+            o, lse, out, rows, heads, lq, lq * heads * d, heads * lq, S=S, D=d, R=rows_per_program,
+            num_warps=num_warps)
+    return out
