@@ -48,8 +48,8 @@ FA4_TILES = {40: {"tile_mn": (192, 128), "mma_pv_is_rs": True, "intra_wg_overlap
 # 4680 queries are 444 tiles: 3.4 waves on 132 SMs, the last one a third full. Splitting the keys into ranges
 # computed as a batch of the same queries (``split_keys``) makes 888 half-length tiles (6.7 waves), merged by one
 # small kernel. By head count, the number of key ranges (each at least ``MIN_SPLIT_KEYS`` keys). Measured as graph
-# replays on the H200 (tools/probes/fa4_splits.py): for 12 heads two ranges are 1.065x over 2 and 4 cache blocks,
-# 1.031x over 7, 0.989x over 1 (hence the minimum); three or four ranges, and any split of the 14B's 40 heads
+# replays on the H200 (tools/probes/fa4_splits.py): for 12 heads two ranges are 1.065x over 2 cache blocks, 1.076x
+# over 4, 1.103x over 7, 0.994x over 1 (hence the minimum); three or four ranges, and any split of the 14B's 40 heads
 # (already 7.6 waves of 192-query tiles), are slower. The merge of two bf16 outputs raises the error to fp32 from
 # 2.3e-3 to 2.8e-3.
 FA4_KEY_SPLITS = {12: 2}
