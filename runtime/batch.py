@@ -173,14 +173,17 @@ def plan(profile, prompts: Sequence[tuple[int, str]], out: Path, *, overwrite: b
 def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *, runtime=None,
                 device=None, overwrite: bool = False, save_latents: bool = False, bars: bool | None = None,
                 log: Callable[[str], None] | None = None, extra_summary: dict | None = None,
-                ray_args=None) -> dict:
+                ray_args=None, check: Callable[[], None] | None = None) -> dict:
     """Generate one video per ``(line, prompt)`` into ``out`` with resume (see the module docstring).
 
     ``runtime``: a loaded ``Runtime`` of ``profile`` to use (kept open); without it one is built on
     ``device`` and closed at the end. ``ray_args`` (``--ray`` and its placement flags): the videos are made
     by the actors of a Ray cluster instead (``scaleout.run_on_ray``), same files and records. ``bars``: progress bars (None: only when stderr is a terminal); one
-    plain line per finished video is always logged. Returns the summary written to ``summary.json``.
+    plain line per finished video is always logged. ``check``: called before each video and after each block
+    (the command line's: raises a SIGTERM/SIGHUP whose first raise was dropped); what it raises stops the run
+    as Ctrl-C does, the unfinished video discarded. Returns the summary written to ``summary.json``.
     """
+    check = check or (lambda: None)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     try:
@@ -216,7 +219,8 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
             if own and rt.device.type == "cuda":
                 log(f"warm-up {rt.warmup():.1f}s")
             for entry, prompt in zip(todo, encoded):
-                _generate_one(rt, profile, entry, prompt, out, n, save_latents, bars, log)
+                check()
+                _generate_one(rt, profile, entry, prompt, out, n, save_latents, bars, log, check)
         except BaseException:
             remove_own_temps(out)
             raise
@@ -238,7 +242,8 @@ def _load(profile, device, log):
     return rt
 
 
-def _generate_one(rt, profile, entry, prompt, out: Path, n: int, save_latents: bool, bars, log) -> None:
+def _generate_one(rt, profile, entry, prompt, out: Path, n: int, save_latents: bool, bars, log,
+                  check: Callable[[], None] | None = None) -> None:
     from tqdm import tqdm
 
     stem = entry["video"][:-4]
@@ -257,6 +262,8 @@ def _generate_one(rt, profile, entry, prompt, out: Path, n: int, save_latents: b
             judged += d in ("accepted", "rejected")
             bar.set_postfix_str(f"{''.join(marks)} accepted {acc}/{judged}")
             bar.update(1)
+            if check is not None:
+                check()
     stats = dict(rt.last_stats, video=entry["video"], index=entry["index"], line=entry["line"],
                  provenance=entry["provenance"])
     if save_latents:

@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
     prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
     run_prompts(prof, prompts, out, device=args.device, overwrite=args.overwrite, save_latents=args.save_latents,
                 bars=False if args.quiet else None,
-                ray_args=args if args.ray is not None else None,
+                ray_args=args if args.ray is not None else None, check=getattr(args, "check_signals", None),
                 extra_summary={"prompts_file": str(args.prompts), "blank_lines": blank})
     return 0
 
@@ -301,8 +301,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _on_signal(signum, frame):
-    raise Interrupted(signum)
+class _SignalLatch:
+    """The handler of SIGTERM and SIGHUP: raises ``Interrupted`` where the main thread is, and keeps the signal,
+    so that ``check`` (the run's, between blocks) raises it again where the first raise was dropped: a signal
+    that lands in a finalizer or a weakref callback (an import lock's, for one) only prints
+    "Exception ignored" there, and the run would go on."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+        raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     args = build_parser().parse_args(argv)
     handled = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    previous = {}
+    previous, latch = {}, _SignalLatch()
     if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, _on_signal) for s in handled}
+        previous = {s: signal.signal(s, latch) for s in handled}
+    args.check_signals = latch.check
     try:
         return args.func(args)
     except SdvgError as e:  # one paragraph, no traceback

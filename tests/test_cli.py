@@ -121,6 +121,39 @@ def test_demo_run_then_resume_then_overwrite(tmp_path, tiny_dir, monkeypatch, ca
     assert made == [("tiny", 0)]  # the demo set was created once
 
 
+def test_a_sigterm_dropped_in_a_finalizer_still_ends_the_run(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A SIGTERM whose handler runs inside a finalizer (where Python prints "Exception ignored" and drops the
+    exception, as in an import lock's weakref callback) still stops the run at its next block: exit 128 + 15,
+    the unfinished video discarded, no record, no temporary file."""
+    import signal
+
+    import sdvg_rt.batch as batch
+    from sdvg_rt import cli
+
+    class SignalOnDel:
+        def __del__(self):
+            if isinstance(signal.getsignal(signal.SIGTERM), cli._SignalLatch):  # never the default: it would kill
+                signal.raise_signal(signal.SIGTERM)  # its handler runs here; what it raises is dropped
+
+    write, sent = batch.BackgroundVideoWriter.write, []
+
+    def write_then_signal(self, frames):
+        write(self, frames)
+        if not sent:
+            sent.append(1)
+            SignalOnDel()
+
+    monkeypatch.setattr(batch.BackgroundVideoWriter, "write", write_then_signal)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    demo, prompts, out = small_profile(tmp_path, tiny_dir), prompts_file(tmp_path), tmp_path / "out"
+    assert main(["run", str(prompts), "--profile", str(demo), "--out", str(out), "--quiet"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert sent and dropped == [cli.Interrupted] and "interrupted (SIGTERM)" in err
+    assert not list(out.glob("*.json")) and not list(out.glob("*.mp4")) and not list(out.glob("*.tmp-*"))
+    assert not isinstance(signal.getsignal(signal.SIGTERM), cli._SignalLatch)  # the previous handler is back
+
+
 def _error(capsys, argv, code, *needles):
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
