@@ -173,7 +173,7 @@ def plan(profile, prompts: Sequence[tuple[int, str]], out: Path, *, overwrite: b
 def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *, runtime=None,
                 device=None, overwrite: bool = False, save_latents: bool = False, bars: bool | None = None,
                 log: Callable[[str], None] | None = None, extra_summary: dict | None = None,
-                ray_args=None, check: Callable[[], None] | None = None) -> dict:
+                ray_args=None, check: Callable[[], None] = lambda: None) -> dict:
     """Generate one video per ``(line, prompt)`` into ``out`` with resume (see the module docstring).
 
     ``runtime``: a loaded ``Runtime`` of ``profile`` to use (kept open); without it one is built on
@@ -183,7 +183,6 @@ def run_prompts(profile, prompts: Sequence[tuple[int, str]], out: str | Path, *,
     (the command line's: raises a SIGTERM/SIGHUP whose first raise was dropped); what it raises stops the run
     as Ctrl-C does, the unfinished video discarded. Returns the summary written to ``summary.json``.
     """
-    check = check or (lambda: None)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     try:
@@ -243,7 +242,7 @@ def _load(profile, device, log):
 
 
 def _generate_one(rt, profile, entry, prompt, out: Path, n: int, save_latents: bool, bars, log,
-                  check: Callable[[], None] | None = None) -> None:
+                  check: Callable[[], None] = lambda: None) -> None:
     from tqdm import tqdm
 
     stem = entry["video"][:-4]
@@ -262,8 +261,7 @@ def _generate_one(rt, profile, entry, prompt, out: Path, n: int, save_latents: b
             judged += d in ("accepted", "rejected")
             bar.set_postfix_str(f"{''.join(marks)} accepted {acc}/{judged}")
             bar.update(1)
-            if check is not None:
-                check()
+            check()
     stats = dict(rt.last_stats, video=entry["video"], index=entry["index"], line=entry["line"],
                  provenance=entry["provenance"])
     if save_latents:

@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
     prof = load_profile(args.profile, **overrides) if args.profile else _demo_profile(overrides)
     run_prompts(prof, prompts, out, device=args.device, overwrite=args.overwrite, save_latents=args.save_latents,
                 bars=False if args.quiet else None,
-                ray_args=args if args.ray is not None else None, check=getattr(args, "check_signals", None),
+                ray_args=args if args.ray is not None else None, check=args.check_signals,
                 extra_summary={"prompts_file": str(args.prompts), "blank_lines": blank})
     return 0
 
